@@ -1,0 +1,139 @@
+"""Prompt processing: view-dependent prompts and Perp-Neg weights.
+
+View-dependent prompting appends a direction to the prompt ("..., front view") chosen from the
+camera: front if |azimuth| < front_threshold, back if |azimuth| > 180 - back_threshold,
+overhead if elevation > overhead_threshold, side otherwise (threestudio's convention).
+
+Perp-Neg (Armandpour et al. 2023) interpolates the positive embedding between neighbouring
+directions and pushes away from the other directions with weights w_i < 0:
+    eps = eps_u + s * (e_pos + sum_i w_i * perp(e_neg_i, e_pos)),   e = eps_c - eps_u,
+where perp(x, y) = x - (<x, y> / ||y||^2) y. The weight schedule is threestudio's
+(shifted exponential decay in the interpolation ratio r).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from distill.priors.base import DiffusionPrior
+from distill.scene.cameras import Cameras
+
+DIRECTIONS = ("side", "front", "back", "overhead")
+
+
+@dataclass
+class PromptConfig:
+    prompt: str = "a hamburger"
+    negative_prompt: str = ""
+    view_dependent: bool = True
+    perp_neg: bool = True
+    front_threshold: float = 45.0
+    back_threshold: float = 45.0
+    overhead_threshold: float = 60.0
+    # (a, b, c) of w(r) = a * exp(-b r) + c, threestudio's defaults
+    perp_neg_f_sb: tuple[float, float, float] = (1.0, 0.5, -0.606)
+    perp_neg_f_fsb: tuple[float, float, float] = (1.0, 0.5, 0.967)
+    perp_neg_f_fs: tuple[float, float, float] = (4.0, 0.5, -2.426)
+    perp_neg_f_sf: tuple[float, float, float] = (4.0, 0.5, -2.426)
+
+
+@dataclass
+class Conditioning:
+    """Conditioning rows for one batch of B views.
+
+    cond, uncond: (B, ...) embeddings; negatives: (n_neg, B, ...) with weights (B, n_neg)
+    for Perp-Neg (None for plain CFG); cameras: the views (used by view-aware priors).
+    """
+
+    cond: Tensor
+    uncond: Tensor
+    negatives: Tensor | None = None
+    neg_weights: Tensor | None = None
+    cameras: Cameras | None = None
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.cond.shape[0])
+
+
+def view_suffix(direction: str) -> str:
+    return f", {direction} view"
+
+
+def shift_azimuth_deg(azimuth: Tensor) -> Tensor:
+    """Azimuth in degrees -> [-180, 180)."""
+    return (azimuth + 180.0) % 360.0 - 180.0
+
+
+def direction_index(cfg: PromptConfig, elevation: Tensor, azimuth: Tensor) -> Tensor:
+    """Index into DIRECTIONS for each view (later rules win, as in threestudio)."""
+    azi = shift_azimuth_deg(azimuth)
+    idx = torch.zeros_like(azi, dtype=torch.long)  # side
+    idx[(azi > -cfg.front_threshold) & (azi < cfg.front_threshold)] = 1
+    idx[(azi > 180 - cfg.back_threshold) | (azi < -180 + cfg.back_threshold)] = 2
+    idx[elevation > cfg.overhead_threshold] = 3
+    return idx
+
+
+def _decay(abc: tuple[float, float, float], r: float) -> float:
+    a, b, c = abc
+    return a * math.exp(-b * r) + c
+
+
+def perp_neg_rows(cfg: PromptConfig, direction: int, azimuth: float) -> tuple[list[tuple[int, float]], list[int], list[float]]:
+    """For one view: positive embedding as [(direction, coefficient)], negative directions, weights."""
+    if direction == 3:  # overhead: plain positive, two dummy negatives with weight 0
+        return [(3, 1.0)], [-1, -1], [0.0, 0.0]
+    azi = (azimuth + 180.0) % 360.0 - 180.0
+    if abs(azi) < 90:  # front-side interpolation: r = 1 is fully front
+        r = 1.0 - abs(azi) / 90.0
+        return ([(1, r), (0, 1.0 - r)], [1, 0],
+                [-_decay(cfg.perp_neg_f_fs, r), -_decay(cfg.perp_neg_f_sf, 1.0 - r)])
+    r = 2.0 - abs(azi) / 90.0  # side-back interpolation: r = 1 is fully side
+    return ([(0, r), (2, 1.0 - r)], [0, 1],
+            [-_decay(cfg.perp_neg_f_sb, r), -_decay(cfg.perp_neg_f_fsb, r)])
+
+
+class PromptProcessor:
+    """Embeds the prompt once (all directions) and builds the Conditioning of each batch."""
+
+    def __init__(self, cfg: PromptConfig, prior: DiffusionPrior):
+        if (cfg.view_dependent or cfg.perp_neg) and not prior.view_dependent:
+            raise ValueError(
+                f"prompt.view_dependent={cfg.view_dependent} / prompt.perp_neg={cfg.perp_neg}: the prior "
+                f"{type(prior).__name__} has no view-dependent text; set prompt.view_dependent=false "
+                f"prompt.perp_neg=false"
+            )
+        if cfg.perp_neg and not cfg.view_dependent:
+            raise ValueError("prompt.perp_neg=true needs prompt.view_dependent=true")
+        self.cfg = cfg
+        self.prior = prior
+        prompts = [cfg.prompt, cfg.negative_prompt]
+        if cfg.view_dependent:
+            prompts += [cfg.prompt + view_suffix(d) for d in DIRECTIONS]
+        emb = prior.embed_prompts(prompts)
+        self.text, self.uncond, self.text_vd = emb[0:1], emb[1:2], emb[2:6]
+
+    def __call__(self, cameras: Cameras | None, batch_size: int = 1) -> Conditioning:
+        if cameras is None or not self.cfg.view_dependent:
+            B = batch_size if cameras is None else len(cameras)
+            return Conditioning(self.text.expand(B, *self.text.shape[1:]),
+                                self.uncond.expand(B, *self.uncond.shape[1:]), cameras=cameras)
+        dirs = direction_index(self.cfg, cameras.elevation.cpu(), cameras.azimuth.cpu())
+        B = len(cameras)
+        uncond = self.uncond.expand(B, *self.uncond.shape[1:])
+        if not self.cfg.perp_neg:
+            return Conditioning(self.text_vd[dirs.to(self.text_vd.device)], uncond, cameras=cameras)
+        pos, negs, weights = [], [], []
+        for b in range(B):
+            p, n, w = perp_neg_rows(self.cfg, int(dirs[b]), float(cameras.azimuth[b]))
+            pos.append(sum(c * self.text_vd[d] for d, c in p))
+            negs.append(torch.stack([self.uncond[0] if d < 0 else self.text_vd[d] for d in n]))
+            weights.append(w)
+        negatives = torch.stack(negs, dim=1)  # (n_neg, B, ...)
+        w = torch.tensor(weights, dtype=torch.float32, device=self.text.device)
+        return Conditioning(torch.stack(pos), uncond, negatives, w, cameras)

@@ -1,0 +1,156 @@
+"""Cameras: random training views and evaluation orbits.
+
+World frame is z-up. A camera at (elevation e, azimuth a, distance d) sits at
+    p = d * (cos e cos a, cos e sin a, sin e)
+and looks at the origin. Camera-to-world matrices use the OpenGL convention (the camera looks
+along its -z axis, +y is up in the image). Azimuth 0 is the "front" of an object (prompts.py).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class CameraSamplerConfig:
+    """Ranges of the random training cameras (official SDI / threestudio values)."""
+
+    height: int = 64
+    width: int = 64
+    batch_size: int = 1
+    distance: tuple[float, float] = (1.5, 2.0)
+    fovy_deg: tuple[float, float] = (40.0, 70.0)
+    elevation_deg: tuple[float, float] = (-10.0, 45.0)
+    azimuth_deg: tuple[float, float] = (-180.0, 180.0)
+
+    def validate(self, where: str = "camera") -> None:
+        for name in ("distance", "fovy_deg", "elevation_deg", "azimuth_deg"):
+            lo, hi = getattr(self, name)
+            if lo > hi:
+                raise ValueError(
+                    f"{where}.{name}=[{lo}, {hi}] is out of order: the first value is the minimum, "
+                    f"write [{hi}, {lo}]"
+                )
+        if not (0.0 < self.fovy_deg[0] and self.fovy_deg[1] < 180.0):
+            raise ValueError(f"{where}.fovy_deg={list(self.fovy_deg)} must lie inside (0, 180) degrees")
+        if not (-90.0 <= self.elevation_deg[0] and self.elevation_deg[1] <= 90.0):
+            raise ValueError(f"{where}.elevation_deg={list(self.elevation_deg)} must lie inside [-90, 90] degrees")
+        if self.distance[0] <= 0:
+            raise ValueError(f"{where}.distance={list(self.distance)} must be positive")
+        for name in ("height", "width", "batch_size"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{where}.{name}={getattr(self, name)} must be a positive integer")
+
+
+@dataclass
+class Cameras:
+    """A batch of pinhole cameras looking at the origin."""
+
+    c2w: Tensor  # (B, 4, 4)
+    fovy: Tensor  # (B,) radians
+    elevation: Tensor  # (B,) degrees
+    azimuth: Tensor  # (B,) degrees, in [-180, 180)
+    distance: Tensor  # (B,)
+    height: int
+    width: int
+    light_positions: Tensor | None = field(default=None)  # (B, 3), set by the scene's shading
+
+    def __len__(self) -> int:
+        return int(self.c2w.shape[0])
+
+    @property
+    def device(self) -> torch.device:
+        return self.c2w.device
+
+    @property
+    def positions(self) -> Tensor:
+        return self.c2w[:, :3, 3]
+
+    def to(self, device: torch.device | str) -> "Cameras":
+        lp = None if self.light_positions is None else self.light_positions.to(device)
+        return Cameras(self.c2w.to(device), self.fovy.to(device), self.elevation.to(device),
+                       self.azimuth.to(device), self.distance.to(device), self.height, self.width, lp)
+
+    def __getitem__(self, idx) -> "Cameras":
+        idx = torch.as_tensor([idx]) if isinstance(idx, int) else idx
+        lp = None if self.light_positions is None else self.light_positions[idx]
+        return Cameras(self.c2w[idx], self.fovy[idx], self.elevation[idx], self.azimuth[idx],
+                       self.distance[idx], self.height, self.width, lp)
+
+    def focal(self) -> Tensor:
+        """Focal length in pixels, (B,)."""
+        return 0.5 * self.height / torch.tan(0.5 * self.fovy)
+
+    def rays(self) -> tuple[Tensor, Tensor]:
+        """World-space ray origins and unit directions through pixel centres, each (B, H, W, 3)."""
+        B, H, W = len(self), self.height, self.width
+        dev, dt = self.c2w.device, self.c2w.dtype
+        j, i = torch.meshgrid(torch.arange(H, device=dev, dtype=dt), torch.arange(W, device=dev, dtype=dt),
+                              indexing="ij")
+        f = self.focal().to(dt).view(B, 1, 1)
+        x = (i + 0.5 - 0.5 * W) / f
+        y = -(j + 0.5 - 0.5 * H) / f
+        d_cam = torch.stack([x, y, -torch.ones_like(x)], dim=-1)  # (B, H, W, 3)
+        d = torch.einsum("bij,bhwj->bhwi", self.c2w[:, :3, :3], d_cam)
+        d = d / d.norm(dim=-1, keepdim=True)
+        o = self.c2w[:, None, None, :3, 3].expand_as(d)
+        return o, d
+
+
+def look_at(positions: Tensor, target: Tensor | None = None, up: Tensor | None = None) -> Tensor:
+    """Camera-to-world matrices (B, 4, 4) for cameras at ``positions`` looking at ``target``."""
+    B = positions.shape[0]
+    target = torch.zeros_like(positions) if target is None else target.expand_as(positions)
+    up = torch.tensor([0.0, 0.0, 1.0], dtype=positions.dtype, device=positions.device) if up is None else up
+    forward = target - positions
+    forward = forward / forward.norm(dim=-1, keepdim=True)
+    right = torch.cross(forward, up.expand_as(forward), dim=-1)
+    # straight overhead: any right vector perpendicular to forward
+    degenerate = right.norm(dim=-1) < 1e-6
+    if degenerate.any():
+        right[degenerate] = torch.tensor([0.0, 1.0, 0.0], dtype=positions.dtype, device=positions.device)
+    right = right / right.norm(dim=-1, keepdim=True)
+    cam_up = torch.cross(right, forward, dim=-1)
+    c2w = torch.eye(4, dtype=positions.dtype, device=positions.device).repeat(B, 1, 1)
+    c2w[:, :3, 0], c2w[:, :3, 1], c2w[:, :3, 2], c2w[:, :3, 3] = right, cam_up, -forward, positions
+    return c2w
+
+
+def cameras_from_spherical(elevation_deg: Tensor, azimuth_deg: Tensor, distance: Tensor, fovy_deg: Tensor,
+                           height: int, width: int) -> Cameras:
+    """Cameras at the given spherical coordinates (degrees), looking at the origin."""
+    e, a = torch.deg2rad(elevation_deg), torch.deg2rad(azimuth_deg)
+    pos = distance[:, None] * torch.stack([torch.cos(e) * torch.cos(a), torch.cos(e) * torch.sin(a), torch.sin(e)], -1)
+    azimuth = (azimuth_deg + 180.0) % 360.0 - 180.0
+    return Cameras(look_at(pos), torch.deg2rad(fovy_deg), elevation_deg, azimuth, distance, height, width)
+
+
+def _uniform(lo: float, hi: float, n: int, generator: torch.Generator | None) -> Tensor:
+    return lo + (hi - lo) * torch.rand(n, generator=generator, dtype=torch.float32)
+
+
+def sample_cameras(cfg: CameraSamplerConfig, generator: torch.Generator | None = None,
+                   device: torch.device | str = "cpu") -> Cameras:
+    """Random training cameras, uniform in each range (elevation uniform in degrees, as threestudio)."""
+    n = cfg.batch_size
+    dist = _uniform(*cfg.distance, n, generator)
+    fovy = _uniform(*cfg.fovy_deg, n, generator)
+    elev = _uniform(*cfg.elevation_deg, n, generator)
+    azim = _uniform(*cfg.azimuth_deg, n, generator)
+    return cameras_from_spherical(elev, azim, dist, fovy, cfg.height, cfg.width).to(device)
+
+
+def orbit_cameras(n_views: int, height: int, width: int, elevation_deg: float = 15.0, distance: float = 1.75,
+                  fovy_deg: float = 55.0, device: torch.device | str = "cpu") -> Cameras:
+    """``n_views`` cameras evenly spaced in azimuth on one orbit (evaluation, turntables)."""
+    azim = torch.arange(n_views, dtype=torch.float32) * (360.0 / n_views) - 180.0
+    full = lambda v: torch.full((n_views,), float(v))  # noqa: E731
+    return cameras_from_spherical(full(elevation_deg), azim, full(distance), full(fovy_deg), height, width).to(device)
+
+
+def fov_to_focal(fovy_rad: float, height: int) -> float:
+    return 0.5 * height / math.tan(0.5 * fovy_rad)

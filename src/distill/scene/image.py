@@ -1,0 +1,52 @@
+"""The 2D scene: the optimised parameter is the image itself (paper Fig. 2.1).
+
+render() returns the image; cameras are ignored. With SGD at step size lr on the loss of
+guidance.py (sum reduction), one step moves x0 by lr * 4 * (x0_hat - x0)... see README; Adam is
+the default, as for the 3D scenes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+
+@dataclass
+class ImageSceneConfig:
+    height: int = 32
+    width: int = 32
+    init: str = "gray"  # gray | noise
+    lr: float = 0.02
+
+    def validate(self) -> None:
+        if self.init not in ("gray", "noise"):
+            raise ValueError(f"scene.init={self.init!r} is unknown; allowed: gray, noise")
+        if self.height <= 0 or self.width <= 0:
+            raise ValueError(f"scene.height/width must be positive, got {self.height}x{self.width}")
+
+
+class ImageScene(nn.Module):
+    Config = ImageSceneConfig
+
+    def __init__(self, cfg: ImageSceneConfig):
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        init = torch.full((1, 3, cfg.height, cfg.width), 0.5)
+        if cfg.init == "noise":
+            init = torch.rand((1, 3, cfg.height, cfg.width))
+        self.image = nn.Parameter(init)
+
+    def render(self, cameras=None, generator: torch.Generator | None = None, shading: str | None = None) -> dict[str, Tensor]:
+        return {"rgb": self.image}
+
+    def update_step(self, step: int, max_steps: int) -> None:
+        pass
+
+    def param_groups(self) -> list[dict]:
+        return [{"params": [self.image], "lr": self.cfg.lr, "name": "image"}]
+
+    def regularisers(self, out: dict, step: int) -> dict[str, Tensor]:
+        return {}

@@ -1,0 +1,315 @@
+"""The training loop: one explicit place where a scene is distilled from a frozen prior.
+
+    for step in range(start, max_steps):
+        cameras = sample_cameras(...)                      # random view (3D) / none (2D)
+        x0      = prior.encode(scene.render(cameras).rgb)  # differentiable
+        out     = guidance.step(x0, prompts(cameras), step)  # SDS or SDI, guidance.py
+        loss    = out.loss + sum(scene.regularisers(...))
+        optimiser step; checkpoint; log
+All randomness flows from one torch.Generator seeded by ``seed`` and saved in the checkpoint, so
+a run re-launched in the same directory continues exactly where it stopped.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import resource
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from distill import rundir
+from distill.config import ConfigError, OptimizerConfig, TrainerConfig, build, component_config, typed
+from distill.ddim import InversionConfig
+from distill.guidance import CFGConfig, GuidanceConfig, ScoreDistillation
+from distill.kappa import KappaConfig, make_kappa
+from distill.prompts import PromptConfig, PromptProcessor
+from distill.scene.cameras import CameraSamplerConfig, orbit_cameras, sample_cameras
+from distill.schedule import TimeSchedule, TimeScheduleConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunSpec:
+    """Every typed piece of a run's config, checked before any compute."""
+
+    trainer: TrainerConfig
+    optimizer: OptimizerConfig
+    guidance: GuidanceConfig
+    cfg_pair: CFGConfig
+    kappa: KappaConfig
+    inversion: InversionConfig
+    schedule: TimeScheduleConfig
+    camera: CameraSamplerConfig
+    prompt: PromptConfig
+    prompt_text: str
+    seed: int
+
+
+def check_run_config(cfg: DictConfig) -> RunSpec:
+    """Type-check the whole config (raises ConfigError naming the bad key) without building models."""
+    if not isinstance(cfg.get("prompt"), str) or not cfg.prompt.strip():
+        raise ConfigError(f"prompt={cfg.get('prompt')!r} must be a non-empty string")
+    if not isinstance(cfg.get("seed"), int):
+        raise ConfigError(f"seed={cfg.get('seed')!r} must be an integer")
+    pp = dict(OmegaConf.to_container(cfg.get("prompt_processor") or {}, resolve=True))
+    pp["prompt"] = cfg.prompt
+    spec = RunSpec(
+        trainer=typed(cfg.trainer, TrainerConfig, "trainer"),
+        optimizer=typed(cfg.optimizer, OptimizerConfig, "optimizer"),
+        guidance=typed(cfg.guidance, GuidanceConfig, "guidance"),
+        cfg_pair=typed(cfg.cfg, CFGConfig, "cfg"),
+        kappa=typed(cfg.kappa, KappaConfig, "kappa"),
+        inversion=typed(cfg.inversion, InversionConfig, "inversion"),
+        schedule=typed(cfg.schedule, TimeScheduleConfig, "schedule"),
+        camera=typed(cfg.camera, CameraSamplerConfig, "camera"),
+        prompt=typed(pp, PromptConfig, "prompt_processor"),
+        prompt_text=cfg.prompt,
+        seed=cfg.seed,
+    )
+    for where in ("prior", "scene", "logger"):
+        component_config(cfg[where], where)
+    return spec
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"trainer.device={name!r} but CUDA is not available here; use trainer.device=cpu or auto")
+    return dev
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
+
+
+def make_optimizer(spec: RunSpec, scene: torch.nn.Module) -> torch.optim.Optimizer:
+    groups = scene.param_groups()
+    if spec.optimizer.name == "adam":
+        return torch.optim.Adam(groups, betas=tuple(spec.optimizer.betas), eps=spec.optimizer.eps)
+    return torch.optim.SGD(groups, lr=groups[0]["lr"], momentum=spec.optimizer.momentum)
+
+
+def to_uint8(img: torch.Tensor) -> np.ndarray:
+    """(3, H, W) or (1, 3, H, W) in [0, 1] -> (H, W, 3) uint8."""
+    img = img.detach().float().cpu()
+    if img.dim() == 4:
+        img = img[0]
+    return (img.clamp(0, 1).permute(1, 2, 0).numpy() * 255 + 0.5).astype(np.uint8)
+
+
+def save_png(path: Path, img: np.ndarray) -> None:
+    import imageio.v3 as iio
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    iio.imwrite(path, img)
+
+
+class Trainer:
+    """Holds the built pieces of one run; ``fit()`` runs the loop and returns the final metrics."""
+
+    def __init__(self, cfg: DictConfig, run_dir: Path):
+        self.cfg, self.run_dir = cfg, Path(run_dir)
+        self.spec = spec = check_run_config(cfg)
+        self.device = pick_device(spec.trainer.device)
+        torch.manual_seed(spec.seed)
+        self.generator = torch.Generator().manual_seed(spec.seed)
+        self.prior = build(cfg.prior, "prior", device=self.device)
+        if isinstance(self.prior, torch.nn.Module):
+            self.prior = self.prior.to(self.device).eval()
+        self.scene = build(cfg.scene, "scene").to(self.device)
+        self.prompts = PromptProcessor(spec.prompt, self.prior)
+        self.kappa = make_kappa(spec.kappa, spec.inversion)
+        self.guidance = ScoreDistillation(self.prior, self.kappa, TimeSchedule(spec.schedule, self.prior.num_train_timesteps),
+                                          spec.guidance, spec.cfg_pair)
+        self.optimizer = make_optimizer(spec, self.scene)
+        self.is_3d = hasattr(self.scene, "density")
+        self.step = 0
+        self.resumed_from: int | None = None
+        self.seconds_before = 0.0
+
+    # ----- state ---------------------------------------------------------------------------------
+    def state(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "scene": self.scene.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "generator": self.generator.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "kappa": self.kappa.state_dict(),
+            "seconds": self.seconds_before + (time.time() - self.t_start),
+        }
+
+    def load(self, ckpt: dict[str, Any]) -> None:
+        self.scene.load_state_dict(ckpt["scene"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.generator.set_state(ckpt["generator"])
+        torch.set_rng_state(ckpt["torch_rng"])
+        self.kappa.load_state_dict(ckpt["kappa"])
+        self.step = self.resumed_from = int(ckpt["step"])
+        self.seconds_before = float(ckpt.get("seconds", 0.0))
+
+    def cameras(self):
+        if not self.is_3d:
+            return None
+        return sample_cameras(self.spec.camera, self.generator, self.device)
+
+    def preview_cameras(self, n: int = 4):
+        c = self.spec.camera
+        return orbit_cameras(n, c.height, c.width, device=self.device)
+
+    def snapshot(self) -> np.ndarray:
+        """What a person looks at: the image (2D) or 4 orbit views side by side (3D)."""
+        with torch.no_grad():
+            if not self.is_3d:
+                return to_uint8(self.scene.render(None)["rgb"])
+            rgb = self.scene.render(self.preview_cameras(), shading="albedo")["rgb"]
+            return np.concatenate([to_uint8(rgb[i]) for i in range(rgb.shape[0])], axis=1)
+
+    def base_metrics(self) -> dict[str, Any]:
+        return {
+            "status": "running", "steps": self.step, "max_steps": self.spec.trainer.max_steps,
+            "seconds": self.seconds_before + (time.time() - self.t_start), "peak_memory_mb": peak_memory_mb(self.device),
+            "diverged": False, "diverged_reason": None, "resumed_from_step": self.resumed_from,
+            "method": self.cfg.get("method", self.spec.guidance.name), "prompt": self.spec.prompt_text,
+            "seed": self.spec.seed, "device": str(self.device),
+        }
+
+    # ----- the loop ------------------------------------------------------------------------------
+    def fit(self, logger) -> dict[str, Any]:
+        from tqdm.auto import tqdm
+
+        tr = self.spec.trainer
+        self.t_start = time.time()
+        previous = rundir.read_metrics(self.run_dir)
+        if tr.resume and previous.get("status") in ("finished", "diverged"):
+            log.info("run %s is already %s; nothing to do", self.run_dir, previous["status"])
+            return previous
+        ckpt = rundir.load_checkpoint(self.run_dir, map_location=self.device) if tr.resume else None
+        if ckpt is not None:
+            self.load(ckpt)
+            self.t_start = time.time()
+            log.info("resumed %s from step %d", self.run_dir, self.step)
+        metrics = self.base_metrics()
+        rundir.write_metrics(self.run_dir, metrics)
+        diverged = None
+        bar = tqdm(total=tr.max_steps, initial=self.step, disable=not tr.progress, desc=str(self.spec.guidance.name),
+                   dynamic_ncols=True)
+        try:
+            while self.step < tr.max_steps:
+                diverged = self.train_step(logger, bar)
+                if diverged:
+                    break
+                self.step += 1
+                bar.update(1)
+                if tr.checkpoint_every and self.step % tr.checkpoint_every == 0 and self.step < tr.max_steps:
+                    rundir.save_checkpoint(self.run_dir, self.state())
+                if tr.image_every and self.step % tr.image_every == 0:
+                    save_png(self.run_dir / "images" / f"step_{self.step:06d}.png", self.snapshot())
+        except torch.cuda.OutOfMemoryError:
+            diverged = "oom"
+            torch.cuda.empty_cache()
+        finally:
+            bar.close()
+        metrics = self.base_metrics()
+        if diverged:
+            metrics.update(status="diverged", diverged=True, diverged_reason=diverged)
+            rundir.write_metrics(self.run_dir, metrics)
+            log.warning("run diverged (%s) at step %d", diverged, self.step)
+            return metrics
+        rundir.save_checkpoint(self.run_dir, self.state())
+        metrics.update(self.finish_outputs(logger))
+        metrics.update(status="finished", seconds=self.seconds_before + (time.time() - self.t_start))
+        rundir.write_metrics(self.run_dir, metrics)
+        return metrics
+
+    def train_step(self, logger, bar) -> str | None:
+        """One optimisation step; returns a divergence reason or None."""
+        tr = self.spec.trainer
+        self.scene.update_step(self.step, tr.max_steps)
+        cams = self.cameras()
+        out = self.scene.render(cams, generator=self.generator)
+        x0 = self.prior.encode(out["rgb"])
+        cond = self.prompts(cams, batch_size=x0.shape[0])
+        g = self.guidance.step(x0, cond, self.step, tr.max_steps, self.generator)
+        regs = self.scene.regularisers(out, self.step)
+        loss = g.loss + sum(regs.values()) if regs else g.loss
+        if not torch.isfinite(loss):
+            return "nan"
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        if not all(torch.isfinite(p).all() for p in self.scene.parameters()):
+            return "nan"
+        if tr.log_every and self.step % tr.log_every == 0:
+            values = {"loss": float(loss.detach()), "loss_sd": float(g.loss.detach()), "t": g.t, "level": g.level,
+                      "grad_norm": g.stats["grad_norm"], "model_calls": g.model_calls}
+            values.update({f"reg/{k}": float(v) for k, v in regs.items()})
+            if "kappa_residual" in g.stats:
+                values["kappa_residual"] = g.stats["kappa_residual"]
+            logger.log_scalars(values, self.step)
+            bar.set_postfix(loss=f"{values['loss']:.4g}", t=g.t)
+        return None
+
+    def finish_outputs(self, logger) -> dict[str, Any]:
+        """Final images (and video / mesh for 3D), ground-truth metrics of analytic priors."""
+        out: dict[str, Any] = {}
+        final = self.snapshot()
+        save_png(self.run_dir / "final.png", final)
+        logger.log_image("final", final, self.step)
+        frames = sorted((self.run_dir / "images").glob("step_*.png"))
+        if frames:
+            import imageio.v3 as iio
+
+            imgs = [iio.imread(f) for f in frames[:: max(1, len(frames) // 10)]]
+            strip = np.concatenate(imgs, axis=0 if self.is_3d else 1)
+            save_png(self.run_dir / "strip.png", strip)
+        if self.is_3d and self.spec.trainer.export:
+            from distill import export
+
+            out.update(export.export_all(self.scene, self.run_dir, self.spec.camera, logger=logger, step=self.step))
+        evaluate = getattr(self.prior, "evaluate", None)
+        if callable(evaluate):
+            gt = evaluate(self.scene, self.spec.prompt_text, n_views=self.spec.trainer.eval_views)
+            out.update(gt)
+        return out
+
+
+def train(cfg: DictConfig, run_dir: Path | str | None = None) -> dict[str, Any]:
+    """Train one run of ``cfg`` in ``run_dir`` (default: ``cfg.paths.run_dir``); returns metrics.json."""
+    if run_dir is not None:  # called from Python (tests, scripts): record where the run lives
+        cfg = cfg.copy()
+        with open_dict(cfg):
+            cfg.paths.run_dir = str(run_dir)
+    run_dir = Path(cfg.paths.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    check_run_config(cfg)  # fail before anything is written or built
+    OmegaConf.save(cfg, run_dir / rundir.CONFIG, resolve=True)
+    trainer = Trainer(cfg, run_dir)
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    logger = build(cfg.logger, "logger", run_dir=run_dir, run_config=resolved, run_name=run_dir.name)
+    code = 1
+    try:
+        metrics = trainer.fit(logger)
+        logger.summary(metrics)
+        code = 0
+        return metrics
+    except Exception:
+        m = rundir.read_metrics(run_dir)
+        m.update(status="failed", error=traceback.format_exc(limit=20))
+        rundir.write_metrics(run_dir, m)
+        raise
+    finally:
+        logger.finish(exit_code=code)
