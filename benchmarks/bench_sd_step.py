@@ -24,6 +24,11 @@ loop and ours (plain) are timed interleaved, step by step, on the same modules; 
 variants (--channels-last, --low-memory, --compile) change the modules in place and are timed
 after, one at a time.
 
+Also reported, per (implementation, variant): a projection of a whole SDI run (--project-steps,
+default 10k) with t annealed linearly 0.98 -> 0.25: ms/step = a + b * calls fitted to the SDI cases,
+averaged over the run's per-step call counts (8.625 on average), against --goal-minutes / --goal-gb.
+Prior only; the renderer is not in these steps. --project-only FILE.json recomputes it, timing nothing.
+
     python benchmarks/bench_sd_step.py --device cuda --dtype fp16 --resolution 512 \
         --out benchmarks/results/sd_step_h100.json [--channels-last] [--compile] [--low-memory]
     python benchmarks/bench_sd_step.py --device cpu --dtype fp32 --resolution 128 --t 250 \
@@ -108,6 +113,11 @@ def peak_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB -> MiB
+
+
+def peak_reserved_mb(device: torch.device) -> float | None:
+    # what the caching allocator held from the driver (closer to nvidia-smi, minus the CUDA context)
+    return torch.cuda.max_memory_reserved(device) / 2**20 if device.type == "cuda" else None
 
 
 def reset_peak(device: torch.device) -> None:
@@ -295,6 +305,60 @@ def expected_calls(method: str, t: int) -> int:
     return 1 if method == "sds" else 1 + (1 + math.ceil((t - 1) / 100))
 
 
+def anneal_calls(steps: int, t_min: float, t_max: float, T: int = 1000) -> list[int]:
+    """UNet calls of each SDI step of a run: t = int(T (t_min + (t_max - t_min)(1 - step/steps)))
+    (distill.schedule, name=anneal), calls = 1 forward + 1 + ceil((t - 1)/100) inversion calls."""
+    ts = [int(T * (t_min + (t_max - t_min) * (1.0 - s / max(steps, 1)))) for s in range(steps)]
+    return [expected_calls("sdi", t) for t in ts]
+
+
+def anneal_projection(results: list[dict], steps: int = 10000, t_min: float = 0.25, t_max: float = 0.98,
+                      goal_min: float = 20.0, goal_gb: float = 24.0) -> list[dict]:
+    """Per (impl, variant): fit ms/step = a + b * calls to the measured SDI steps (least squares; with a
+    single SDI t the SDS step is added as a second point), average it over the anneal's per-step
+    call counts and scale to `steps`. Prior only: renderer and optimizer are not in these steps."""
+    calls = anneal_calls(steps, t_min, t_max)
+    mean_calls = sum(calls) / len(calls)
+    out = []
+    for impl, variant in dict.fromkeys((r["impl"], r["variant"]) for r in results):
+        rs = [r for r in results if r["impl"] == impl and r["variant"] == variant]
+        pts = [(r["unet_calls_per_step"], r["ms_median"]) for r in rs if r["method"] == "sdi"]
+        if len({c for c, _ in pts}) < 2:
+            pts += [(r["unet_calls_per_step"], r["ms_median"]) for r in rs if r["method"] == "sds"]
+        if not pts:
+            continue
+        if len({c for c, _ in pts}) >= 2:
+            mc = statistics.fmean(c for c, _ in pts)
+            mt = statistics.fmean(t for _, t in pts)
+            b = sum((c - mc) * (t - mt) for c, t in pts) / sum((c - mc) ** 2 for c, _ in pts)
+            a = mt - b * mc
+        else:  # one point: all of its time scales with the calls
+            a, b = 0.0, pts[0][1] / pts[0][0]
+        ms_step = a + b * mean_calls
+        peak = max(r["peak_mem_mb"] for r in rs)
+        peak_res = max((r.get("peak_reserved_mb") or 0.0) for r in rs) or None
+        total_min = ms_step * steps / 6e4
+        out.append(dict(impl=impl, variant=variant, steps=steps, t_min=t_min, t_max=t_max,
+                        mean_unet_calls_per_step=mean_calls, fit_ms_fixed=a, fit_ms_per_call=b,
+                        ms_per_step=ms_step, total_min=total_min, peak_mem_mb=peak, peak_reserved_mb=peak_res,
+                        time_goal_met=total_min <= goal_min,
+                        mem_goal_met=max(peak, peak_res or 0.0) <= goal_gb * 1000 ** 3 / 2**20))
+    return out
+
+
+def print_projection(proj: list[dict], goal_min: float, goal_gb: float) -> None:
+    if not proj:
+        return
+    p0 = proj[0]
+    print(f"\nprojection: {p0['steps']} SDI steps, t {p0['t_max']:.2f} -> {p0['t_min']:.2f} linear,"
+          f" {p0['mean_unet_calls_per_step']:.3f} UNet calls per step on average (prior only, no render);"
+          f" goal <= {goal_min:g} min, <= {goal_gb:g} GB")
+    for p in proj:
+        print(f"  {p['impl']:9s} {p['variant']:14s} {p['fit_ms_fixed']:8.1f} ms + {p['fit_ms_per_call']:8.1f} ms/call"
+              f" -> {p['ms_per_step']:9.1f} ms/step, {p['total_min']:8.1f} min  (time goal met: {p['time_goal_met']},"
+              f" memory goal met: {p['mem_goal_met']})")
+
+
 def time_cases(entries, device, warmup: int, iters: int, render) -> dict[str, dict]:
     """Time several implementations of the same case, interleaved round by round (A B A B ...),
     so slow drifts of a shared machine hit all of them alike. entries: (key, step_fn, counter)."""
@@ -305,7 +369,7 @@ def time_cases(entries, device, warmup: int, iters: int, render) -> dict[str, di
     sync(device)
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    acc = {key: dict(times=[], peak=0.0, c0=counter(), finite=True) for key, _, counter in entries}
+    acc = {key: dict(times=[], peak=0.0, peak_res=0.0, c0=counter(), finite=True) for key, _, counter in entries}
     for _ in range(iters):
         for key, fn, _ in entries:
             a = acc[key]
@@ -317,6 +381,7 @@ def time_cases(entries, device, warmup: int, iters: int, render) -> dict[str, di
             sync(device)
             a["times"].append(time.perf_counter() - t0)
             a["peak"] = max(a["peak"], peak_mb(device))
+            a["peak_res"] = max(a["peak_res"], peak_reserved_mb(device) or 0.0)
             a["finite"] &= bool(torch.isfinite(loss).item()) and bool(torch.isfinite(render.grad).all().item())
     out = {}
     for key, _, counter in entries:
@@ -325,7 +390,8 @@ def time_cases(entries, device, warmup: int, iters: int, render) -> dict[str, di
         out[key] = dict(ms_mean=1e3 * statistics.fmean(ts), ms_median=1e3 * statistics.median(ts),
                         ms_std=1e3 * (statistics.stdev(ts) if len(ts) > 1 else 0.0), ms_min=1e3 * min(ts),
                         unet_calls_per_step=(c1[0] - a["c0"][0]) / iters,
-                        unet_rows_per_step=(c1[1] - a["c0"][1]) / iters, peak_mem_mb=a["peak"], finite=a["finite"])
+                        unet_rows_per_step=(c1[1] - a["c0"][1]) / iters, peak_mem_mb=a["peak"],
+                        peak_reserved_mb=a["peak_res"] if device.type == "cuda" else None, finite=a["finite"])
     return out
 
 
@@ -350,7 +416,20 @@ def main(argv=None) -> dict:
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None, help="write the results JSON here")
+    ap.add_argument("--project-steps", type=int, default=10000, help="SDI run length for the projection")
+    ap.add_argument("--goal-minutes", type=float, default=20.0)
+    ap.add_argument("--goal-gb", type=float, default=24.0, help="peak memory goal, GB (10^9 bytes)")
+    ap.add_argument("--project-only", default=None, metavar="JSON",
+                    help="no timing: read a results JSON, (re)compute its projection, print it (and write --out)")
     args = ap.parse_args(argv)
+    if args.project_only:
+        report = json.loads(Path(args.project_only).read_text())
+        report["projection"] = anneal_projection(report["results"], args.project_steps, goal_min=args.goal_minutes,
+                                                 goal_gb=args.goal_gb)
+        print_projection(report["projection"], args.goal_minutes, args.goal_gb)
+        if args.out:
+            Path(args.out).write_text(json.dumps(report, indent=2))
+        return report
 
     device = torch.device(args.device)
     cuda = device.type == "cuda"
@@ -441,11 +520,14 @@ def main(argv=None) -> dict:
         static_mem_mb=static_mb, memory_note=("torch.cuda.max_memory_allocated during one step (max over the timed steps)" if cuda
                                               else "process peak RSS (ru_maxrss), cumulative over the run"),
         results=results, speedup_official_over_ours=speedups,
+        projection=anneal_projection(results, args.project_steps, goal_min=args.goal_minutes, goal_gb=args.goal_gb),
+        command=" ".join(["python"] + sys.argv) if argv is None else None,
     )
     print("\nimpl      variant        method   t     median ms   mean ms   calls  rows  peak MiB")
     for r in results:
         print(f"{r['impl']:9s} {r['variant']:14s} {r['method']:6s} {r['t']:4d} {r['ms_median']:11.1f} {r['ms_mean']:9.1f}"
               f" {r['unet_calls_per_step']:6.1f} {r['unet_rows_per_step']:5.0f} {r['peak_mem_mb']:9.0f}")
+    print_projection(report["projection"], args.goal_minutes, args.goal_gb)
     if speedups:
         print("speed-up (official time / ours): " + ", ".join(f"{k} {v:.2f}x" for k, v in speedups.items()))
     if args.out:

@@ -18,13 +18,28 @@ log = logging.getLogger("distill")
 
 def run_name(override_dirname: str) -> str:
     """Directory name of a run from its overrides ('default' when there are none)."""
-    name = override_dirname.replace("/", "_").replace(" ", "_")
+    name = override_dirname.replace("/", "_").replace(" ", "_").replace("'", "").replace('"', "")
     return name or "default"
+
+
+def prompt_from_list(name: str, index: int) -> str:
+    """Line ``index`` of ``sweeps/prompts/<name>.txt`` (sweeps over a benchmark's prompts)."""
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "sweeps" / "prompts" / f"{name}.txt"
+    if not path.exists():
+        raise ValueError(f"prompt list {name!r} not found: expected {path}")
+    prompts = [ln.strip() for ln in path.read_text().splitlines() if ln.strip()]
+    if not 0 <= int(index) < len(prompts):
+        raise ValueError(f"prompt_id={index} is out of range for {name} ({len(prompts)} prompts: 0..{len(prompts) - 1})")
+    return prompts[int(index)]
 
 
 def register_resolvers() -> None:
     if not OmegaConf.has_resolver("run_name"):
         OmegaConf.register_new_resolver("run_name", run_name)
+    if not OmegaConf.has_resolver("prompt_list"):
+        OmegaConf.register_new_resolver("prompt_list", prompt_from_list)
 
 
 def _in_multirun() -> bool:

@@ -93,6 +93,7 @@ class TrainerConfig:
     export: bool = True  # turntable video / mesh at the end (3D scenes)
     eval_views: int = 8  # held-out views for ground-truth metrics (analytic priors)
     progress: bool = True
+    threads: int = 0  # torch CPU threads (0 = torch's default)
 
     def validate(self) -> None:
         if self.max_steps < 0:

@@ -13,7 +13,6 @@ a run re-launched in the same directory continues exactly where it stopped.
 from __future__ import annotations
 
 import logging
-import math
 import resource
 import time
 import traceback
@@ -124,6 +123,8 @@ class Trainer:
         self.cfg, self.run_dir = cfg, Path(run_dir)
         self.spec = spec = check_run_config(cfg)
         self.device = pick_device(spec.trainer.device)
+        if spec.trainer.threads > 0:
+            torch.set_num_threads(spec.trainer.threads)
         torch.manual_seed(spec.seed)
         self.generator = torch.Generator().manual_seed(spec.seed)
         self.prior = build(cfg.prior, "prior", device=self.device)
@@ -221,6 +222,12 @@ class Trainer:
         except torch.cuda.OutOfMemoryError:
             diverged = "oom"
             torch.cuda.empty_cache()
+        except (SystemExit, KeyboardInterrupt):
+            # preempted / timed out (submitit raises SystemExit after asking SLURM to requeue):
+            # keep every finished step, the requeued job resumes from here
+            rundir.save_checkpoint(self.run_dir, self.state())
+            log.warning("interrupted at step %d: checkpoint saved, re-launch resumes from it", self.step)
+            raise
         finally:
             bar.close()
         metrics = self.base_metrics()
@@ -256,7 +263,7 @@ class Trainer:
         if tr.log_every and self.step % tr.log_every == 0:
             values = {"loss": float(loss.detach()), "loss_sd": float(g.loss.detach()), "t": g.t, "level": g.level,
                       "grad_norm": g.stats["grad_norm"], "model_calls": g.model_calls}
-            values.update({f"reg/{k}": float(v) for k, v in regs.items()})
+            values.update({f"reg/{k}": float(v.detach()) for k, v in regs.items()})
             if "kappa_residual" in g.stats:
                 values["kappa_residual"] = g.stats["kappa_residual"]
             logger.log_scalars(values, self.step)

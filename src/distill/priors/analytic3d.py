@@ -92,7 +92,7 @@ class Analytic3DPrior(DiffusionPrior):
 
     @dataclass
     class Config:
-        image_noise: float = 0.02  # pixel noise std s, pixel units ([-1, 1])
+        image_noise: float = 0.2  # pixel noise std s, pixel units ([-1, 1]); a floor that keeps eps tame off the data
         n_basis: int = 96  # spatial texture basis functions F (x 3 colour channels)
         spectrum_exponent: float = 1.5  # p in w_f = (1 + (|k_f| / f0)^2)^-p
         spectrum_f0: float = 1.0  # f0 in DCT-index units |k| (|k| = 1: half a cosine period across the cube)
