@@ -18,7 +18,7 @@ class ImageSceneConfig:
     height: int = 32
     width: int = 32
     init: str = "gray"  # gray | noise
-    lr: float = 0.02
+    lr: float = 0.01
 
     def validate(self) -> None:
         if self.init not in ("gray", "noise"):
