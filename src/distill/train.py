@@ -218,7 +218,9 @@ class Trainer:
                 if tr.checkpoint_every and self.step % tr.checkpoint_every == 0 and self.step < tr.max_steps:
                     rundir.save_checkpoint(self.run_dir, self.state())
                 if tr.image_every and self.step % tr.image_every == 0:
-                    save_png(self.run_dir / "images" / f"step_{self.step:06d}.png", self.snapshot())
+                    snap = self.snapshot()
+                    save_png(self.run_dir / "images" / f"step_{self.step:06d}.png", snap)
+                    logger.log_image("progress", snap, self.step)
         except torch.cuda.OutOfMemoryError:
             diverged = "oom"
             torch.cuda.empty_cache()
