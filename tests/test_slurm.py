@@ -284,7 +284,10 @@ def test_requeued_slurm_job_resumes_from_its_checkpoint(how, slurm_cluster, prof
     assert m["status"] == "finished" and m["steps"] == steps, m
     assert m["resumed_from_step"] is not None, f"the first incarnation finished before it was stopped: {m}"
     resumed = m["resumed_from_step"]
-    assert resumed and 0 < resumed < steps and resumed % every == 0, m
+    assert resumed and 0 < resumed < steps, m
+    if how == "scontrol_requeue":  # SIGKILL: only the periodic checkpoints survive
+        assert resumed % every == 0, m
+    # usr2: submitit raises SystemExit in the loop and the trainer checkpoints the step it reached
     logs = submitit_logs(out)
     if how == "usr2":
         assert "Caught signal SIGUSR2" in logs and f"Requeued job {job_id}" in logs
