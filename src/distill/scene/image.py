@@ -1,8 +1,8 @@
 """The 2D scene: the optimised parameter is the image itself (paper Fig. 2.1).
 
-render() returns the image; cameras are ignored. With SGD at step size lr on the loss of
-guidance.py (sum reduction), one step moves x0 by lr * 4 * (x0_hat - x0)... see README; Adam is
-the default, as for the 3D scenes.
+render() returns the image in [0, 1]; cameras are ignored. Adam (the default, as for the 3D
+scenes) is invariant to the loss scale; with SGD and ``guidance.loss_reduction=sum`` a step moves
+the image by lr * d x0/d g * (x0_hat - x0), so lr = 1 / (d x0/d g)^2 jumps straight to x0_hat.
 """
 
 from __future__ import annotations
