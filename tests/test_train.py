@@ -43,7 +43,10 @@ def test_every_sweep_composes_with_a_valid_run_config(compose_cfg, name):
 def test_default_main_job_is_3d_sdi_on_the_analytic_prior(compose_cfg, tmp_path):
     cfg = compose_cfg(["trainer.max_steps=2", "trainer.eval_views=2", *FAST])
     assert cfg.guidance.name == "ddim_inversion" and "analytic3d" in cfg.prior._target_ and "nerf" in cfg.scene._target_
-    assert (cfg.cfg.fwd, cfg.cfg.inv) == (7.5, -7.5)
+    assert cfg.kappa.name == "ddim_inversion" and cfg.schedule.name == "anneal"
+    # the exact 3D prior picks its own CFG pair (CFG 7.5 over-saturates it); the command line wins
+    assert (cfg.cfg.fwd, cfg.cfg.inv) == (3.0, -3.0)
+    assert (compose_cfg(["cfg=sdi"]).cfg.fwd, compose_cfg(["prior=sd21"]).cfg.inv) == (7.5, -7.5)
     m = train(cfg, tmp_path)
     assert m["status"] == "finished" and "psnr" in m and "texture_realism" in m
 
