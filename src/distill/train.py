@@ -226,7 +226,9 @@ class Trainer:
             torch.cuda.empty_cache()
         except (SystemExit, KeyboardInterrupt):
             # preempted / timed out (submitit raises SystemExit after asking SLURM to requeue):
-            # keep every finished step, the requeued job resumes from here
+            # keep every finished step, the requeued job resumes from here. An interrupt that lands
+            # inside a step (after the optimiser update, before step += 1) makes the resumed run
+            # repeat that one step: resumable, but then not bit-identical to an uninterrupted run.
             rundir.save_checkpoint(self.run_dir, self.state())
             log.warning("interrupted at step %d: checkpoint saved, re-launch resumes from it", self.step)
             raise
