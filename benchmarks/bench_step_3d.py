@@ -35,14 +35,10 @@ def main() -> None:
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
-    from hydra import compose, initialize_config_dir
-
-    from distill.cli import register_resolvers
+    from distill.cli import compose_config
     from distill.train import Trainer
 
-    register_resolvers()
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("train", overrides=["logger=none", "trainer.progress=false", *a.overrides])
+    cfg = compose_config(["logger=none", "trainer.progress=false", *a.overrides])
     tr = Trainer(cfg, Path(tempfile.mkdtemp()))
     tr.t_start = time.time()
     max_steps = cfg.trainer.max_steps

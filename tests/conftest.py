@@ -12,22 +12,9 @@ os.environ.setdefault("WANDB_MODE", "offline")
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
-@pytest.fixture(scope="session")
-def conf_dir() -> str:
-    return str(ROOT / "conf")
-
-
 @pytest.fixture
-def compose_cfg(conf_dir):
+def compose_cfg():
     """compose(overrides) -> DictConfig of conf/train.yaml (no Hydra runtime)."""
-    from hydra import compose, initialize_config_dir
+    from distill.cli import compose_config
 
-    from distill.cli import register_resolvers
-
-    register_resolvers()
-
-    def _compose(overrides=()):
-        with initialize_config_dir(config_dir=conf_dir, version_base="1.3"):
-            return compose("train", overrides=list(overrides))
-
-    return _compose
+    return compose_config

@@ -42,6 +42,18 @@ def register_resolvers() -> None:
         OmegaConf.register_new_resolver("prompt_list", prompt_from_list)
 
 
+def compose_config(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
+    """conf/train.yaml composed with ``overrides`` outside a Hydra app (scripts, benchmarks, tests)."""
+    from pathlib import Path
+
+    from hydra import compose, initialize_config_dir
+
+    register_resolvers()
+    conf = Path(__file__).resolve().parents[2] / "conf"
+    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+        return compose("train", overrides=list(overrides))
+
+
 def _in_multirun() -> bool:
     try:
         return HydraConfig.get().mode == RunMode.MULTIRUN

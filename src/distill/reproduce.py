@@ -21,16 +21,6 @@ ROOT = Path(__file__).resolve().parents[2]
 METRICS = ("realism_high_band", "realism_low_band", "mahalanobis_per_dim", "log_likelihood")
 
 
-def _compose(overrides: list[str]):
-    from hydra import compose, initialize_config_dir
-
-    from distill.cli import register_resolvers
-
-    register_resolvers()
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return compose("train", overrides=overrides)
-
-
 def _png(x01: torch.Tensor, zoom: int = 4) -> np.ndarray:
     img = (x01[0].clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255 + 0.5).astype(np.uint8)
     return np.kron(img, np.ones((zoom, zoom, 1), dtype=np.uint8))
@@ -39,6 +29,7 @@ def _png(x01: torch.Tensor, zoom: int = 4) -> np.ndarray:
 def fig2_1(out: Path, seeds: int, steps: int, prompt: str) -> None:
     import imageio.v3 as iio
 
+    from distill.cli import compose_config as _compose
     from distill.config import build
     from distill.ddim import ddim_sample
     from distill.guidance import guided_eps
@@ -97,6 +88,7 @@ def kappa_study(out: Path, samples: int, prompt: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from distill.cli import compose_config as _compose
     from distill.config import build
     from distill.ddim import InversionConfig
     from distill.guidance import guided_eps
