@@ -74,8 +74,14 @@ def time_row(scene: NeRFScene, res: int, device: str, iters: int, warmup: int) -
         sync(device)
         w3 = time.perf_counter()
         if it >= warmup:
-            for k, v in (("fwd_wall", w1 - w0), ("fwd_cpu", c1 - c0), ("bwd_wall", w2 - w1), ("bwd_cpu", c2 - c1),
-                         ("adam_wall", w3 - w2), ("samples", int(out["n_samples"]))):
+            for k, v in (
+                ("fwd_wall", w1 - w0),
+                ("fwd_cpu", c1 - c0),
+                ("bwd_wall", w2 - w1),
+                ("bwd_cpu", c2 - c1),
+                ("adam_wall", w3 - w2),
+                ("samples", int(out["n_samples"])),
+            ):
                 rec[k].append(v)
     return {k: statistics.median(v) for k, v in rec.items()}
 
@@ -93,8 +99,10 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     load_before = os.getloadavg()
     rows = []
-    header = f"{'setting':9s} {'res':>4s} {'samples':>8s} {'fwd ms':>8s} {'(cpu)':>7s} {'bwd ms':>8s} {'(cpu)':>7s} " \
-             f"{'fwd+bwd':>8s} {'adam ms':>8s}"
+    header = (
+        f"{'setting':9s} {'res':>4s} {'samples':>8s} {'fwd ms':>8s} {'(cpu)':>7s} {'bwd ms':>8s} {'(cpu)':>7s} "
+        f"{'fwd+bwd':>8s} {'adam ms':>8s}"
+    )
     print(header)
     for setting in args.settings:
         scene = build(setting, args.device)
@@ -102,13 +110,23 @@ def main() -> None:
             r = time_row(scene, res, args.device, args.iters, args.warmup)
             row = {"setting": setting, "resolution": res, **SETTINGS[setting], **r}
             rows.append(row)
-            print(f"{setting:9s} {res:4d} {r['samples']:8.0f} {1e3 * r['fwd_wall']:8.1f} {1e3 * r['fwd_cpu']:7.1f} "
-                  f"{1e3 * r['bwd_wall']:8.1f} {1e3 * r['bwd_cpu']:7.1f} {1e3 * (r['fwd_wall'] + r['bwd_wall']):8.1f} "
-                  f"{1e3 * r['adam_wall']:8.1f}", flush=True)
+            print(
+                f"{setting:9s} {res:4d} {r['samples']:8.0f} {1e3 * r['fwd_wall']:8.1f} {1e3 * r['fwd_cpu']:7.1f} "
+                f"{1e3 * r['bwd_wall']:8.1f} {1e3 * r['bwd_cpu']:7.1f} {1e3 * (r['fwd_wall'] + r['bwd_wall']):8.1f} "
+                f"{1e3 * r['adam_wall']:8.1f}",
+                flush=True,
+            )
     result = {
-        "device": args.device, "threads": args.threads, "torch": torch.__version__,
-        "machine": platform.machine(), "processor": platform.processor(), "cpu_count": os.cpu_count(),
-        "loadavg_before": load_before, "loadavg_after": os.getloadavg(), "iters": args.iters, "rows": rows,
+        "device": args.device,
+        "threads": args.threads,
+        "torch": torch.__version__,
+        "machine": platform.machine(),
+        "processor": platform.processor(),
+        "cpu_count": os.cpu_count(),
+        "loadavg_before": load_before,
+        "loadavg_after": os.getloadavg(),
+        "iters": args.iters,
+        "rows": rows,
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

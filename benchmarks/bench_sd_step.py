@@ -95,11 +95,24 @@ VAE_CONFIG = dict(
     scaling_factor=0.18215,
 )
 # --arch tiny: same block layout, a few channels (smoke tests of this script only)
-TINY_UNET = dict(UNET_CONFIG, block_out_channels=(32, 64, 64, 64), attention_head_dim=(2, 4, 4, 4), layers_per_block=1,
-                 norm_num_groups=8)
+TINY_UNET = dict(
+    UNET_CONFIG,
+    block_out_channels=(32, 64, 64, 64),
+    attention_head_dim=(2, 4, 4, 4),
+    layers_per_block=1,
+    norm_num_groups=8,
+)
 TINY_VAE = dict(VAE_CONFIG, block_out_channels=(8, 8, 16, 16), layers_per_block=1, norm_num_groups=4)
-SCHEDULER_CONFIG = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                        clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon")
+SCHEDULER_CONFIG = dict(
+    num_train_timesteps=1000,
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    clip_sample=False,
+    set_alpha_to_one=False,
+    steps_offset=1,
+    prediction_type="epsilon",
+)
 TEXT_LEN, TEXT_DIM = 77, 1024
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -144,9 +157,15 @@ def random_text(device: torch.device, seed: int) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed + 1)
     e = lambda: torch.randn(1, TEXT_LEN, TEXT_DIM, generator=g).to(device)  # noqa: E731
     # Perp-Neg rows of a front/side view at azimuth 30 deg: positive, uncond, two negatives
-    return {"cond": e(), "uncond": e(), "neg1": e(), "neg2": e(),
-            "weights": torch.tensor([[-(4 * math.exp(-0.5 * (2 / 3)) - 2.426),
-                                      -(4 * math.exp(-0.5 * (1 / 3)) - 2.426)]], device=device)}
+    return {
+        "cond": e(),
+        "uncond": e(),
+        "neg1": e(),
+        "neg2": e(),
+        "weights": torch.tensor(
+            [[-(4 * math.exp(-0.5 * (2 / 3)) - 2.426), -(4 * math.exp(-0.5 * (1 / 3)) - 2.426)]], device=device
+        ),
+    }
 
 
 # ------------------------------------------------------------------------------------------------
@@ -156,12 +175,15 @@ def random_text(device: torch.device, seed: int) -> dict[str, torch.Tensor]:
 def perpendicular_component(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     # threestudio.utils.ops (torch.norm over 3 dims, written as vector_norm for newer torch)
     ny2 = torch.linalg.vector_norm(y, dim=(1, 2, 3)) ** 2
-    return x - (torch.mul(x, y).sum(dim=[1, 2, 3]) / torch.maximum(ny2, torch.ones_like(ny2) * 1e-6)).view(-1, 1, 1, 1) * y
+    return (
+        x - (torch.mul(x, y).sum(dim=[1, 2, 3]) / torch.maximum(ny2, torch.ones_like(ny2) * 1e-6)).view(-1, 1, 1, 1) * y
+    )
 
 
 class OfficialSDI:
-    def __init__(self, unet, vae, device, weights_dtype, resolution, perp_neg, text, eta=0.3, n_inv=10,
-                 cfg_fwd=7.5, cfg_inv=-7.5):
+    def __init__(
+        self, unet, vae, device, weights_dtype, resolution, perp_neg, text, eta=0.3, n_inv=10, cfg_fwd=7.5, cfg_inv=-7.5
+    ):
         from diffusers import DDIMScheduler
 
         self.unet, self.vae, self.device, self.wd = unet, vae, device, weights_dtype
@@ -181,8 +203,9 @@ class OfficialSDI:
     def forward_unet(self, latents, t, encoder_hidden_states):
         self.calls += 1
         self.rows += latents.shape[0]
-        return self.unet(latents.to(self.wd), t.to(self.wd),
-                         encoder_hidden_states=encoder_hidden_states.to(self.wd)).sample.to(latents.dtype)
+        return self.unet(
+            latents.to(self.wd), t.to(self.wd), encoder_hidden_states=encoder_hidden_states.to(self.wd)
+        ).sample.to(latents.dtype)
 
     def encode_images(self, imgs):
         input_dtype = imgs.dtype
@@ -195,7 +218,7 @@ class OfficialSDI:
         B = latents_noisy.shape[0]
         if self.perp_neg:
             noise_pred = self.forward_unet(torch.cat([latents_noisy] * 4), torch.cat([t] * 4), self.text)
-            text, uncond, neg = noise_pred[:B], noise_pred[B:2 * B], noise_pred[2 * B:]
+            text, uncond, neg = noise_pred[:B], noise_pred[B : 2 * B], noise_pred[2 * B :]
             e_pos = text - uncond
             accum = 0
             n_neg = self.neg_w.shape[-1]
@@ -212,8 +235,8 @@ class OfficialSDI:
         alpha_prod_t = ac[timestep] if timestep >= 0 else self.initial_alpha_cumprod
         alpha_prod_t_prev = ac[prev_timestep]
         beta_prod_t = 1 - alpha_prod_t
-        pred_original_sample = (sample - beta_prod_t ** 0.5 * model_output) / alpha_prod_t ** 0.5
-        prev_sample = alpha_prod_t_prev ** 0.5 * pred_original_sample + (1 - alpha_prod_t_prev) ** 0.5 * model_output
+        pred_original_sample = (sample - beta_prod_t**0.5 * model_output) / alpha_prod_t**0.5
+        prev_sample = alpha_prod_t_prev**0.5 * pred_original_sample + (1 - alpha_prod_t_prev) ** 0.5 * model_output
         variance = self.scheduler._get_variance(prev_timestep, timestep) ** 0.5
         return prev_sample + self.eta * torch.randn_like(prev_sample) * variance
 
@@ -240,7 +263,7 @@ class OfficialSDI:
             noise_pred = self.predict_noise(latents, t.repeat([B]), self.cfg_inv)
             latents = self.ddim_inversion_step(noise_pred, t, next_t, latents)
         alpha = self.scheduler.alphas_cumprod[next_t]
-        noise = (latents - start_latents * alpha ** 0.5) / (1 - alpha) ** 0.5
+        noise = (latents - start_latents * alpha**0.5) / (1 - alpha) ** 0.5
         return latents, noise
 
     def step(self, rgb_BCHW, t_int: int, sdi: bool):
@@ -275,22 +298,34 @@ class Ours:
         from distill.schedule import TimeSchedule, TimeScheduleConfig
 
         self.prior = StableDiffusionPrior.from_components(
-            unet, vae, device=device, model="random-init/sd21-base-shaped", dtype=args.dtype,
-            resolution=args.resolution, embedding_cache_dir=None,
-            channels_last=variant == "channels_last", torch_compile=variant == "compile",
-            compile_mode=args.compile_mode, low_memory=variant == "low_memory")
+            unet,
+            vae,
+            device=device,
+            model="random-init/sd21-base-shaped",
+            dtype=args.dtype,
+            resolution=args.resolution,
+            embedding_cache_dir=None,
+            channels_last=variant == "channels_last",
+            torch_compile=variant == "compile",
+            compile_mode=args.compile_mode,
+            low_memory=variant == "low_memory",
+        )
         if args.perp_neg:
-            self.cond = Conditioning(text["cond"], text["uncond"], torch.stack([text["neg1"], text["neg2"]]),
-                                     text["weights"])
+            self.cond = Conditioning(
+                text["cond"], text["uncond"], torch.stack([text["neg1"], text["neg2"]]), text["weights"]
+            )
         else:
             self.cond = Conditioning(text["cond"], text["uncond"])
         self.gen = torch.Generator().manual_seed(args.seed)
         self.sd = {}
         for name, kappa in (("sds", "random_resampled"), ("sdi", "ddim_inversion")):
             self.sd[name] = ScoreDistillation(
-                self.prior, make_kappa(KappaConfig(name=kappa), InversionConfig()),
+                self.prior,
+                make_kappa(KappaConfig(name=kappa), InversionConfig()),
                 TimeSchedule(TimeScheduleConfig(), 1000),
-                GuidanceConfig(name="sds" if name == "sds" else "ddim_inversion"), CFGConfig(fwd=7.5, inv=-7.5))
+                GuidanceConfig(name="sds" if name == "sds" else "ddim_inversion"),
+                CFGConfig(fwd=7.5, inv=-7.5),
+            )
 
     def step(self, render, t_int: int, sdi: bool):
         sd = self.sd["sdi" if sdi else "sds"]
@@ -312,8 +347,14 @@ def anneal_calls(steps: int, t_min: float, t_max: float, T: int = 1000) -> list[
     return [expected_calls("sdi", t) for t in ts]
 
 
-def anneal_projection(results: list[dict], steps: int = 10000, t_min: float = 0.25, t_max: float = 0.98,
-                      goal_min: float = 20.0, goal_gb: float = 24.0) -> list[dict]:
+def anneal_projection(
+    results: list[dict],
+    steps: int = 10000,
+    t_min: float = 0.25,
+    t_max: float = 0.98,
+    goal_min: float = 20.0,
+    goal_gb: float = 24.0,
+) -> list[dict]:
     """Per (impl, variant): fit ms/step = a + b * calls to the measured SDI steps (least squares; with a
     single SDI t the SDS step is added as a second point), average it over the anneal's per-step
     call counts and scale to `steps`. Prior only: renderer and optimizer are not in these steps."""
@@ -338,11 +379,24 @@ def anneal_projection(results: list[dict], steps: int = 10000, t_min: float = 0.
         peak = max(r["peak_mem_mb"] for r in rs)
         peak_res = max((r.get("peak_reserved_mb") or 0.0) for r in rs) or None
         total_min = ms_step * steps / 6e4
-        out.append(dict(impl=impl, variant=variant, steps=steps, t_min=t_min, t_max=t_max,
-                        mean_unet_calls_per_step=mean_calls, fit_ms_fixed=a, fit_ms_per_call=b,
-                        ms_per_step=ms_step, total_min=total_min, peak_mem_mb=peak, peak_reserved_mb=peak_res,
-                        time_goal_met=total_min <= goal_min,
-                        mem_goal_met=max(peak, peak_res or 0.0) <= goal_gb * 1000 ** 3 / 2**20))
+        out.append(
+            dict(
+                impl=impl,
+                variant=variant,
+                steps=steps,
+                t_min=t_min,
+                t_max=t_max,
+                mean_unet_calls_per_step=mean_calls,
+                fit_ms_fixed=a,
+                fit_ms_per_call=b,
+                ms_per_step=ms_step,
+                total_min=total_min,
+                peak_mem_mb=peak,
+                peak_reserved_mb=peak_res,
+                time_goal_met=total_min <= goal_min,
+                mem_goal_met=max(peak, peak_res or 0.0) <= goal_gb * 1000**3 / 2**20,
+            )
+        )
     return out
 
 
@@ -350,13 +404,17 @@ def print_projection(proj: list[dict], goal_min: float, goal_gb: float) -> None:
     if not proj:
         return
     p0 = proj[0]
-    print(f"\nprojection: {p0['steps']} SDI steps, t {p0['t_max']:.2f} -> {p0['t_min']:.2f} linear,"
-          f" {p0['mean_unet_calls_per_step']:.3f} UNet calls per step on average (prior only, no render);"
-          f" goal <= {goal_min:g} min, <= {goal_gb:g} GB")
+    print(
+        f"\nprojection: {p0['steps']} SDI steps, t {p0['t_max']:.2f} -> {p0['t_min']:.2f} linear,"
+        f" {p0['mean_unet_calls_per_step']:.3f} UNet calls per step on average (prior only, no render);"
+        f" goal <= {goal_min:g} min, <= {goal_gb:g} GB"
+    )
     for p in proj:
-        print(f"  {p['impl']:9s} {p['variant']:14s} {p['fit_ms_fixed']:8.1f} ms + {p['fit_ms_per_call']:8.1f} ms/call"
-              f" -> {p['ms_per_step']:9.1f} ms/step, {p['total_min']:8.1f} min  (time goal met: {p['time_goal_met']},"
-              f" memory goal met: {p['mem_goal_met']})")
+        print(
+            f"  {p['impl']:9s} {p['variant']:14s} {p['fit_ms_fixed']:8.1f} ms + {p['fit_ms_per_call']:8.1f} ms/call"
+            f" -> {p['ms_per_step']:9.1f} ms/step, {p['total_min']:8.1f} min  (time goal met: {p['time_goal_met']},"
+            f" memory goal met: {p['mem_goal_met']})"
+        )
 
 
 def time_cases(entries, device, warmup: int, iters: int, render) -> dict[str, dict]:
@@ -387,18 +445,28 @@ def time_cases(entries, device, warmup: int, iters: int, render) -> dict[str, di
     for key, _, counter in entries:
         a, c1 = acc[key], counter()
         ts = a["times"]
-        out[key] = dict(ms_mean=1e3 * statistics.fmean(ts), ms_median=1e3 * statistics.median(ts),
-                        ms_std=1e3 * (statistics.stdev(ts) if len(ts) > 1 else 0.0), ms_min=1e3 * min(ts),
-                        unet_calls_per_step=(c1[0] - a["c0"][0]) / iters,
-                        unet_rows_per_step=(c1[1] - a["c0"][1]) / iters, peak_mem_mb=a["peak"],
-                        peak_reserved_mb=a["peak_res"] if device.type == "cuda" else None, finite=a["finite"])
+        out[key] = dict(
+            ms_mean=1e3 * statistics.fmean(ts),
+            ms_median=1e3 * statistics.median(ts),
+            ms_std=1e3 * (statistics.stdev(ts) if len(ts) > 1 else 0.0),
+            ms_min=1e3 * min(ts),
+            unet_calls_per_step=(c1[0] - a["c0"][0]) / iters,
+            unet_rows_per_step=(c1[1] - a["c0"][1]) / iters,
+            peak_mem_mb=a["peak"],
+            peak_reserved_mb=a["peak_res"] if device.type == "cuda" else None,
+            finite=a["finite"],
+        )
     return out
 
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--arch", default="sd21-base", choices=["sd21-base", "tiny"],
-                    help="tiny: a few channels, to smoke-test this script")
+    ap.add_argument(
+        "--arch",
+        default="sd21-base",
+        choices=["sd21-base", "tiny"],
+        help="tiny: a few channels, to smoke-test this script",
+    )
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default=None, choices=list(DTYPES), help="default: fp16 on cuda, fp32 on cpu")
     ap.add_argument("--resolution", type=int, default=None, help="VAE input size (default 512 cuda, 128 cpu)")
@@ -419,13 +487,18 @@ def main(argv=None) -> dict:
     ap.add_argument("--project-steps", type=int, default=10000, help="SDI run length for the projection")
     ap.add_argument("--goal-minutes", type=float, default=20.0)
     ap.add_argument("--goal-gb", type=float, default=24.0, help="peak memory goal, GB (10^9 bytes)")
-    ap.add_argument("--project-only", default=None, metavar="JSON",
-                    help="no timing: read a results JSON, (re)compute its projection, print it (and write --out)")
+    ap.add_argument(
+        "--project-only",
+        default=None,
+        metavar="JSON",
+        help="no timing: read a results JSON, (re)compute its projection, print it (and write --out)",
+    )
     args = ap.parse_args(argv)
     if args.project_only:
         report = json.loads(Path(args.project_only).read_text())
-        report["projection"] = anneal_projection(report["results"], args.project_steps, goal_min=args.goal_minutes,
-                                                 goal_gb=args.goal_gb)
+        report["projection"] = anneal_projection(
+            report["results"], args.project_steps, goal_min=args.goal_minutes, goal_gb=args.goal_gb
+        )
         print_projection(report["projection"], args.goal_minutes, args.goal_gb)
         if args.out:
             Path(args.out).write_text(json.dumps(report, indent=2))
@@ -463,33 +536,57 @@ def main(argv=None) -> dict:
     def record(impl, variant, method, t, r):
         r = dict(impl=impl, variant=variant, method=method, t=t, expected_unet_calls=expected_calls(method, t), **r)
         results.append(r)
-        print(f"  {impl:8s} {variant:13s} {method} t={t:4d}: {r['ms_median']:9.1f} ms  calls {r['unet_calls_per_step']:.1f}"
-              f"  rows {r['unet_rows_per_step']:.0f}  peak {r['peak_mem_mb']:.0f} MiB  finite={r['finite']}", flush=True)
+        print(
+            f"  {impl:8s} {variant:13s} {method} t={t:4d}: {r['ms_median']:9.1f} ms"
+            f"  calls {r['unet_calls_per_step']:.1f}"
+            f"  rows {r['unet_rows_per_step']:.0f}  peak {r['peak_mem_mb']:.0f} MiB  finite={r['finite']}",
+            flush=True,
+        )
 
     # plain: the official loop and ours interleaved on the same (untouched) modules
     off = None if args.skip_official else OfficialSDI(unet, vae, device, dtype, args.resolution, args.perp_neg, text)
     ours = Ours(unet, vae, device, args, text, "plain")
     for method, t in cases:
-        entries = [("ours", lambda: ours.step(render, t, method == "sdi"),
-                    lambda: (ours.prior.unet_calls, ours.prior.unet_rows))]
+        entries = [
+            (
+                "ours",
+                lambda ours=ours, t=t, method=method: ours.step(render, t, method == "sdi"),
+                lambda ours=ours: (ours.prior.unet_calls, ours.prior.unet_rows),
+            )
+        ]
         if off is not None:
-            entries.insert(0, ("official", lambda: off.step(render, t, method == "sdi"), lambda: (off.calls, off.rows)))
+            run_official = lambda t=t, method=method: off.step(render, t, method == "sdi")  # noqa: E731
+            entries.insert(0, ("official", run_official, lambda: (off.calls, off.rows)))
         res = time_cases(entries, device, args.warmup, args.iters, render)
         for impl, r in res.items():
             record(impl, "plain", method, t, r)
     del ours
 
     # variants change the shared modules in place: timed after, one at a time, then undone
-    variants = [v for v, on in (("channels_last", args.channels_last), ("low_memory", args.low_memory),
-                                ("compile", args.compile)) if on]
+    variants = [
+        v
+        for v, on in (("channels_last", args.channels_last), ("low_memory", args.low_memory), ("compile", args.compile))
+        if on
+    ]
     for variant in variants:
         procs = unet.attn_processors
         ours = Ours(unet, vae, device, args, text, variant)
         p = ours.prior
         for method, t in cases:
             warm = args.warmup + (2 if variant == "compile" else 0)
-            res = time_cases([("ours", lambda: ours.step(render, t, method == "sdi"),
-                               lambda: (p.unet_calls, p.unet_rows))], device, warm, args.iters, render)
+            res = time_cases(
+                [
+                    (
+                        "ours",
+                        lambda ours=ours, t=t, method=method: ours.step(render, t, method == "sdi"),
+                        lambda p=p: (p.unet_calls, p.unet_rows),
+                    )
+                ],
+                device,
+                warm,
+                args.iters,
+                render,
+            )
             record("ours", variant, method, t, res["ours"])
         unet.to(memory_format=torch.contiguous_format)
         vae.to(memory_format=torch.contiguous_format)
@@ -505,28 +602,48 @@ def main(argv=None) -> dict:
     for r in results:
         if r["impl"] != "ours":
             continue
-        ref = next((o for o in results if o["impl"] == "official" and o["method"] == r["method"] and o["t"] == r["t"]), None)
+        ref = next(
+            (o for o in results if o["impl"] == "official" and o["method"] == r["method"] and o["t"] == r["t"]), None
+        )
         if ref:
             speedups[f"{r['variant']}/{r['method']}@{r['t']}"] = ref["ms_median"] / r["ms_median"]
 
     report = dict(
-        benchmark="sd_step", arch=args.arch, device=str(device),
+        benchmark="sd_step",
+        arch=args.arch,
+        device=str(device),
         device_name=torch.cuda.get_device_name(device) if cuda else platform.processor() or platform.machine(),
-        torch=torch.__version__, diffusers=diffusers.__version__, python=platform.python_version(),
-        dtype=args.dtype, resolution=args.resolution, render=args.render, perp_neg=args.perp_neg,
-        rows_per_unet_call=4 if args.perp_neg else 2, iters=args.iters, warmup=args.warmup,
-        threads=torch.get_num_threads(), unet_params_m=sum(p.numel() for p in unet.parameters()) / 1e6,
-        vae_params_m=sum(p.numel() for p in vae.parameters()) / 1e6, model_build_s=build_s,
-        static_mem_mb=static_mb, memory_note=("torch.cuda.max_memory_allocated during one step (max over the timed steps)" if cuda
-                                              else "process peak RSS (ru_maxrss), cumulative over the run"),
-        results=results, speedup_official_over_ours=speedups,
+        torch=torch.__version__,
+        diffusers=diffusers.__version__,
+        python=platform.python_version(),
+        dtype=args.dtype,
+        resolution=args.resolution,
+        render=args.render,
+        perp_neg=args.perp_neg,
+        rows_per_unet_call=4 if args.perp_neg else 2,
+        iters=args.iters,
+        warmup=args.warmup,
+        threads=torch.get_num_threads(),
+        unet_params_m=sum(p.numel() for p in unet.parameters()) / 1e6,
+        vae_params_m=sum(p.numel() for p in vae.parameters()) / 1e6,
+        model_build_s=build_s,
+        static_mem_mb=static_mb,
+        memory_note=(
+            "torch.cuda.max_memory_allocated during one step (max over the timed steps)"
+            if cuda
+            else "process peak RSS (ru_maxrss), cumulative over the run"
+        ),
+        results=results,
+        speedup_official_over_ours=speedups,
         projection=anneal_projection(results, args.project_steps, goal_min=args.goal_minutes, goal_gb=args.goal_gb),
         command=" ".join(["python"] + sys.argv) if argv is None else None,
     )
     print("\nimpl      variant        method   t     median ms   mean ms   calls  rows  peak MiB")
     for r in results:
-        print(f"{r['impl']:9s} {r['variant']:14s} {r['method']:6s} {r['t']:4d} {r['ms_median']:11.1f} {r['ms_mean']:9.1f}"
-              f" {r['unet_calls_per_step']:6.1f} {r['unet_rows_per_step']:5.0f} {r['peak_mem_mb']:9.0f}")
+        print(
+            f"{r['impl']:9s} {r['variant']:14s} {r['method']:6s} {r['t']:4d} {r['ms_median']:11.1f} {r['ms_mean']:9.1f}"
+            f" {r['unet_calls_per_step']:6.1f} {r['unet_rows_per_step']:5.0f} {r['peak_mem_mb']:9.0f}"
+        )
     print_projection(report["projection"], args.goal_minutes, args.goal_gb)
     if speedups:
         print("speed-up (official time / ours): " + ", ".join(f"{k} {v:.2f}x" for k, v in speedups.items()))

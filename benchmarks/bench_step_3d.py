@@ -66,19 +66,35 @@ def main() -> None:
                 parts[k].append(v)
             calls.append(g.model_calls)
     total = statistics.mean(parts["total"])
-    rows = {k: {"mean_s": statistics.mean(v), "median_s": statistics.median(v),
-                "share": statistics.mean(v) / total} for k, v in parts.items()}
-    res = {"config": {"camera": f"{cfg.camera.height}x{cfg.camera.width}", "prior": cfg.prior._target_,
-                      "scene": cfg.scene._target_, "guidance": cfg.guidance.name, "overrides": a.overrides},
-           "steps_timed": a.steps, "threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine(),
-           "torch": torch.__version__, "prior_calls_per_step_mean": statistics.mean(calls), "parts": rows,
-           "share_outside_prior": 1.0 - rows["prior"]["share"],
-           "projected_minutes_for_max_steps": total * max_steps / 60, "max_steps": max_steps}
+    rows = {
+        k: {"mean_s": statistics.mean(v), "median_s": statistics.median(v), "share": statistics.mean(v) / total}
+        for k, v in parts.items()
+    }
+    res = {
+        "config": {
+            "camera": f"{cfg.camera.height}x{cfg.camera.width}",
+            "prior": cfg.prior._target_,
+            "scene": cfg.scene._target_,
+            "guidance": cfg.guidance.name,
+            "overrides": a.overrides,
+        },
+        "steps_timed": a.steps,
+        "threads": torch.get_num_threads(),
+        "machine": platform.processor() or platform.machine(),
+        "torch": torch.__version__,
+        "prior_calls_per_step_mean": statistics.mean(calls),
+        "parts": rows,
+        "share_outside_prior": 1.0 - rows["prior"]["share"],
+        "projected_minutes_for_max_steps": total * max_steps / 60,
+        "max_steps": max_steps,
+    }
     print(f"{'part':<10} {'mean ms':>9} {'median ms':>10} {'share':>7}")
     for k, r in rows.items():
         print(f"{k:<10} {1e3 * r['mean_s']:9.1f} {1e3 * r['median_s']:10.1f} {100 * r['share']:6.1f}%")
-    print(f"prior calls / step {res['prior_calls_per_step_mean']:.1f}; share outside prior calls "
-          f"{100 * res['share_outside_prior']:.1f}%; {max_steps} steps ~ {res['projected_minutes_for_max_steps']:.1f} min")
+    print(
+        f"prior calls / step {res['prior_calls_per_step_mean']:.1f}; share outside prior calls "
+        f"{100 * res['share_outside_prior']:.1f}%; {max_steps} steps ~ {res['projected_minutes_for_max_steps']:.1f} min"
+    )
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(res, indent=2))
 

@@ -29,8 +29,14 @@ def small_prior(**kw) -> Analytic3DPrior:
 
 
 def two_cameras(size: int = 8):
-    return cameras_from_spherical(torch.tensor([10.0, 30.0]), torch.tensor([0.0, 120.0]), torch.tensor([1.6, 1.9]),
-                                  torch.tensor([50.0, 60.0]), size, size)
+    return cameras_from_spherical(
+        torch.tensor([10.0, 30.0]),
+        torch.tensor([0.0, 120.0]),
+        torch.tensor([1.6, 1.9]),
+        torch.tensor([50.0, 60.0]),
+        size,
+        size,
+    )
 
 
 def noised(prior, x0, t, g):
@@ -132,8 +138,9 @@ def test_eps_is_the_scaled_score_by_finite_differences():
 def test_exact_samples_match_analytic_moments():
     """Monte Carlo mean / covariance of sample_views against the mixture's exact moments."""
     prior = small_prior(n_basis=16, image_noise=0.02)  # tolerance calibrated at a low noise floor
-    cams = cameras_from_spherical(torch.tensor([20.0]), torch.tensor([30.0]), torch.tensor([1.7]),
-                                  torch.tensor([55.0]), 6, 6)
+    cams = cameras_from_spherical(
+        torch.tensor([20.0]), torch.tensor([30.0]), torch.tensor([1.7]), torch.tensor([55.0]), 6, 6
+    )
     mean, cov = prior.view_moments("a snowman", cams)
     g = torch.Generator().manual_seed(3)
     n = 4000
@@ -161,8 +168,9 @@ def test_sphere_silhouette_and_front_convention():
     """Sphere tracing against the analytic silhouette of a sphere; azimuth 0 sees the snowman's face."""
     prior = Analytic3DPrior(Analytic3DPrior.Config(n_basis=4, jitter=0.0, supersample=2))
     d, fovy, H = 1.75, 55.0, 48
-    cams = cameras_from_spherical(torch.tensor([15.0]), torch.tensor([0.0]), torch.tensor([d]),
-                                  torch.tensor([fovy]), H, H)
+    cams = cameras_from_spherical(
+        torch.tensor([15.0]), torch.tensor([0.0]), torch.tensor([d]), torch.tensor([fovy]), H, H
+    )
     ball = prior.prompt_objects("a red ball")[0]
     r = prior.objects[ball].primitives[0].params[0]
     geo = prior.geometry(cams, (ball,))
@@ -176,8 +184,9 @@ def test_sphere_silhouette_and_front_convention():
     snow = prior.prompt_objects("a snowman")[0]
 
     def orange_pixels(az):
-        c = cameras_from_spherical(torch.tensor([10.0]), torch.tensor([az]), torch.tensor([1.6]),
-                                   torch.tensor([50.0]), 64, 64)
+        c = cameras_from_spherical(
+            torch.tensor([10.0]), torch.tensor([az]), torch.tensor([1.6]), torch.tensor([50.0]), 64, 64
+        )
         rgb = prior.decode(prior._unrotate(prior.geometry(c, (snow,)).mean[0, 0]))
         return int(((rgb[0] > 0.8) & (rgb[1] > 0.35) & (rgb[1] < 0.65) & (rgb[2] < 0.3)).sum())
 
@@ -201,8 +210,16 @@ def test_evaluate_sample_vs_mean_vs_blend():
 
     def draw(texture, k, seed=5):
         # an exact sample (texture + pixel noise) or the noiseless mean texture of object k
-        return lambda c: prior.sample_views(prompt, c, torch.Generator().manual_seed(seed), object_index=k,
-                                            texture=texture, noise=texture == "sample").rgb
+        return lambda c: (
+            prior.sample_views(
+                prompt,
+                c,
+                torch.Generator().manual_seed(seed),
+                object_index=k,
+                texture=texture,
+                noise=texture == "sample",
+            ).rgb
+        )
 
     true = prior.evaluate(RenderScene(draw("sample", 1)), prompt, **kw)
     mean = prior.evaluate(RenderScene(draw("mean", 1)), prompt, **kw)
@@ -226,8 +243,9 @@ def test_texture_realism_is_calibrated_where_views_hide_texture():
     prompt = "a blue torus"
     vals = []
     for seed in range(8):
-        scene = RenderScene(lambda c: prior.sample_views(prompt, c, torch.Generator().manual_seed(seed),
-                                                         object_index=seed % 3).rgb)
+        scene = RenderScene(
+            lambda c: prior.sample_views(prompt, c, torch.Generator().manual_seed(seed), object_index=seed % 3).rgb
+        )
         out = prior.evaluate(scene, prompt, n_views=6, height=32, width=32)
         assert out["nearest_object"] == seed % 3
         vals.append(out["texture_realism"])

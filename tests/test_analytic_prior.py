@@ -56,10 +56,10 @@ def test_sample_moments_match_the_model(prior):
 
 def test_realism_is_one_for_samples_and_zero_for_the_mean(prior):
     x = prior.sample("a red circle", 64, torch.Generator().manual_seed(3))
-    hi = torch.tensor([prior.image_metrics(x[i:i + 1], "a red circle")["realism_high_band"] for i in range(64)])
+    hi = torch.tensor([prior.image_metrics(x[i : i + 1], "a red circle")["realism_high_band"] for i in range(64)])
     assert hi.mean() == pytest.approx(1.0, abs=0.1)
     k = int(torch.nonzero(prior.owner == 0)[0])
-    m = prior.image_metrics(prior.means[k:k + 1], "a red circle")
+    m = prior.image_metrics(prior.means[k : k + 1], "a red circle")
     assert m["realism_high_band"] == 0.0 and m["nearest_component"] == k
 
 

@@ -5,8 +5,17 @@ import math
 import pytest
 import torch
 
-from distill.ddim import (InversionConfig, add_noise, ddim_invert, ddim_regenerate, ddim_step, inversion_timesteps,
-                          noise_from_x0, posterior_variance, predict_x0)
+from distill.ddim import (
+    InversionConfig,
+    add_noise,
+    ddim_invert,
+    ddim_regenerate,
+    ddim_step,
+    inversion_timesteps,
+    noise_from_x0,
+    posterior_variance,
+    predict_x0,
+)
 from distill.priors.base import scaled_linear_alphas_cumprod
 
 AB = scaled_linear_alphas_cumprod()
@@ -14,7 +23,9 @@ AB = scaled_linear_alphas_cumprod()
 
 def test_scaled_linear_schedule_matches_sd_formula():
     betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2
-    expected = torch.tensor([math.prod(1 - b for b in betas[: k + 1].tolist()) for k in (0, 499, 999)], dtype=torch.float64)
+    expected = torch.tensor(
+        [math.prod(1 - b for b in betas[: k + 1].tolist()) for k in (0, 499, 999)], dtype=torch.float64
+    )
     assert torch.allclose(AB[[0, 499, 999]], expected, rtol=1e-10)
 
 
@@ -31,14 +42,19 @@ def test_final_jump_is_clamped_and_random_delta_in_range():
     g = torch.Generator().manual_seed(0)
     seen = set()
     for _ in range(200):
-        _, level, _ = ddim_invert(torch.zeros(1, 1), 500, lambda x, t: torch.zeros_like(x), AB, InversionConfig(eta=0.0), g)
+        _, level, _ = ddim_invert(
+            torch.zeros(1, 1), 500, lambda x, t: torch.zeros_like(x), AB, InversionConfig(eta=0.0), g
+        )
         seen.add(level - 500)
     assert min(seen) >= 0 and max(seen) <= 99 and len(seen) > 50
 
 
 def test_forward_process_identities():
     g = torch.Generator().manual_seed(1)
-    x0, eps = torch.randn(2, 3, 4, 4, generator=g, dtype=torch.float64), torch.randn(2, 3, 4, 4, generator=g, dtype=torch.float64)
+    x0, eps = (
+        torch.randn(2, 3, 4, 4, generator=g, dtype=torch.float64),
+        torch.randn(2, 3, 4, 4, generator=g, dtype=torch.float64),
+    )
     ab = AB[400]
     x_t = add_noise(x0, eps, ab)
     assert torch.allclose(predict_x0(x_t, eps, ab), x0)

@@ -21,9 +21,8 @@ if str(_SRC) not in sys.path:
     sys.path.insert(0, str(_SRC))
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
-
 import tiny_clip  # noqa: E402
+import torch  # noqa: E402
 
 PROMPT = "A car made out of sushi"
 
@@ -95,9 +94,18 @@ def direct(clip_dir) -> Direct:
     return Direct(clip_dir)
 
 
-CANDIDATE_PROMPTS = [PROMPT, "A delicious croissant", "A small saguaro cactus planted in a clay pot",
-                     "A plate piled high with chocolate chip cookies", "a red circle", "a blue square",
-                     "a green triangle", "a yellow ring", "A photo of a dog", "An astronaut riding a horse"]
+CANDIDATE_PROMPTS = [
+    PROMPT,
+    "A delicious croissant",
+    "A small saguaro cactus planted in a clay pot",
+    "A plate piled high with chocolate chip cookies",
+    "a red circle",
+    "a blue square",
+    "a green triangle",
+    "a yellow ring",
+    "A photo of a dog",
+    "An astronaut riding a horse",
+]
 
 
 @pytest.fixture(scope="module")
@@ -135,8 +143,11 @@ def test_clip_score_equals_direct(evaluator, direct, images, mixed_prompt):
 def test_iqa_equals_direct(evaluator, direct, images):
     from eval.metrics import IQA_PROMPTS
 
-    assert IQA_PROMPTS == {"quality": ("Good photo.", "Bad photo."), "sharpness": ("Sharp photo.", "Blurry photo."),
-                           "real": ("Real photo.", "Abstract photo.")}
+    assert IQA_PROMPTS == {
+        "quality": ("Good photo.", "Bad photo."),
+        "sharpness": ("Sharp photo.", "Blurry photo."),
+        "real": ("Real photo.", "Abstract photo."),
+    }
     ours = evaluator.iqa_scores(images)
     ref = direct.iqa(images, IQA_PROMPTS)
     assert list(ours) == ["quality", "sharpness", "real"]
@@ -164,8 +175,9 @@ def test_model_sees_each_image_rescaled_exactly_once(evaluator, direct):
     """
     seen: list[torch.Tensor] = []
     vision = evaluator.clip.model.clip.vision_model.embeddings
-    h = vision.register_forward_pre_hook(lambda mod, args, kwargs=None: seen.append(args[0].detach().clone())
-                                         if args else None)
+    h = vision.register_forward_pre_hook(
+        lambda mod, args, kwargs=None: seen.append(args[0].detach().clone()) if args else None
+    )
     try:
         imgs = torch.stack([torch.ones(3, 32, 32), torch.full((3, 32, 32), 0.5)])
         evaluator.clip_scores(imgs, PROMPT)
@@ -176,8 +188,13 @@ def test_model_sees_each_image_rescaled_exactly_once(evaluator, direct):
     expected = (imgs - direct.mean) / direct.std
     for pix in seen:
         pix = pix.view(-1, 3, 32, 32)
-        ref = expected if pix.shape[0] == 2 else expected[:1] if torch.allclose(pix, expected[:1], atol=1e-4) \
+        ref = (
+            expected
+            if pix.shape[0] == 2
+            else expected[:1]
+            if torch.allclose(pix, expected[:1], atol=1e-4)
             else expected[1:]
+        )
         torch.testing.assert_close(pix, ref, atol=1e-4, rtol=1e-4)
     # and a twice-rescaled white image would be ~ -mean/std: make sure we are far from that
     twice = (imgs / 255.0 - direct.mean) / direct.std
@@ -186,8 +203,7 @@ def test_model_sees_each_image_rescaled_exactly_once(evaluator, direct):
 
 def test_uint8_and_float_inputs_agree_and_255_floats_are_rejected(evaluator, images):
     as_u8 = (images * 255).round().to(torch.uint8)
-    torch.testing.assert_close(evaluator.clip_scores(as_u8, PROMPT),
-                               evaluator.clip_scores(as_u8.float() / 255, PROMPT))
+    torch.testing.assert_close(evaluator.clip_scores(as_u8, PROMPT), evaluator.clip_scores(as_u8.float() / 255, PROMPT))
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
         evaluator.clip_scores(images * 255, PROMPT)
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
@@ -233,9 +249,11 @@ def test_open_clip_backend_equals_direct(tmp_path, images):
     from eval.clip_models import load_clip
     from eval.metrics import ClipEvaluator
 
-    cfg = {"embed_dim": 16,
-           "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 8, "head_width": 16},
-           "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
+    cfg = {
+        "embed_dim": 16,
+        "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 8, "head_width": 16},
+        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+    }
     (tmp_path / "sdi-eval-tiny.json").write_text(json.dumps(cfg))
     open_clip.add_model_config(str(tmp_path / "sdi-eval-tiny.json"))
     torch.manual_seed(0)

@@ -53,21 +53,44 @@ class SphereScene(nn.Module):
         rgb = torch.where(hit[..., None], (n + 1) / 2, torch.ones_like(n))
         if self.nan:
             rgb = rgb * float("nan")
-        return {"rgb": rgb.permute(0, 3, 1, 2).clamp(0, 1) if not self.nan else rgb.permute(0, 3, 1, 2),
-                "opacity": hit.float()[:, None]}
+        return {
+            "rgb": rgb.permute(0, 3, 1, 2).clamp(0, 1) if not self.nan else rgb.permute(0, 3, 1, 2),
+            "opacity": hit.float()[:, None],
+        }
 
 
-def make_run(root: Path, name: str = "run", status: str = "finished", prompt: str = "a colourful ball",
-             scene_cfg: dict | None = None, checkpoint: dict | None = None) -> Path:
+def make_run(
+    root: Path,
+    name: str = "run",
+    status: str = "finished",
+    prompt: str = "a colourful ball",
+    scene_cfg: dict | None = None,
+    checkpoint: dict | None = None,
+) -> Path:
     run = root / name
     run.mkdir(parents=True)
-    cfg = {"prompt": prompt, "seed": 0, "guidance": {"name": "sds"}, "trainer": {"max_steps": 10},
-           "prior": {"_target_": "distill.priors.analytic.AnalyticPrior"},
-           "scene": scene_cfg or {"_target_": "tests.SphereScene"}}
+    cfg = {
+        "prompt": prompt,
+        "seed": 0,
+        "guidance": {"name": "sds"},
+        "trainer": {"max_steps": 10},
+        "prior": {"_target_": "distill.priors.analytic.AnalyticPrior"},
+        "scene": scene_cfg or {"_target_": "tests.SphereScene"},
+    }
     (run / "config.yaml").write_text(yaml.safe_dump(cfg))
-    (run / "metrics.json").write_text(json.dumps({"status": status, "steps": 10, "max_steps": 10, "seconds": 1.0,
-                                                  "peak_memory_mb": 10.0, "diverged": False,
-                                                  "diverged_reason": None}))
+    (run / "metrics.json").write_text(
+        json.dumps(
+            {
+                "status": status,
+                "steps": 10,
+                "max_steps": 10,
+                "seconds": 1.0,
+                "peak_memory_mb": 10.0,
+                "diverged": False,
+                "diverged_reason": None,
+            }
+        )
+    )
     if checkpoint is None:
         (run / "checkpoints").mkdir()
         torch.save({"scene": {}, "step": 10}, run / "checkpoints" / "last.pt")
@@ -90,7 +113,6 @@ def _png(path: Path) -> np.ndarray:
 
 def test_render_orbit_views_in_batches(tmp_path):
     from distill.scene.cameras import orbit_cameras
-
     from eval.render import RenderOptions, render_run
 
     run = make_run(tmp_path)
@@ -117,8 +139,9 @@ def test_render_orbit_views_in_batches(tmp_path):
     n_calls = len(scene.calls)
     again = render_run(run, opts, device="cpu", progress=False, load_scene=loader(scene))
     assert again.status == "up-to-date" and len(scene.calls) == n_calls  # nothing re-rendered
-    fewer = render_run(run, RenderOptions(n_views=3, resolution=24), device="cpu", progress=False,
-                       load_scene=loader(scene))
+    fewer = render_run(
+        run, RenderOptions(n_views=3, resolution=24), device="cpu", progress=False, load_scene=loader(scene)
+    )
     assert fewer.status == "rendered" and len(list((run / "eval" / "views").glob("*.png"))) == 3
 
 
@@ -138,11 +161,20 @@ def test_empty_volume_and_nan_mark_the_run_diverged(tmp_path):
     render_run(ok, opts, device="cpu", progress=False, load_scene=loader(SphereScene()))
     # a tiny object: visible, but below a strict threshold in every view
     small = make_run(tmp_path / "sweep", "small")
-    render_run(small, RenderOptions(n_views=4, resolution=16, empty_opacity=0.5), device="cpu", progress=False,
-               load_scene=loader(SphereScene(radius=0.3)))
+    render_run(
+        small,
+        RenderOptions(n_views=4, resolution=16, empty_opacity=0.5),
+        device="cpu",
+        progress=False,
+        load_scene=loader(SphereScene(radius=0.3)),
+    )
     states = {r.path.name: (r.state.state, r.state.reason) for r in aggregate(tmp_path / "sweep").records}
-    assert states == {"empty": ("diverged", "empty"), "nan": ("diverged", "nan"), "ok": ("finished", None),
-                      "small": ("diverged", "empty")}
+    assert states == {
+        "empty": ("diverged", "empty"),
+        "nan": ("diverged", "nan"),
+        "ok": ("finished", None),
+        "small": ("diverged", "empty"),
+    }
 
 
 def test_unfinished_runs_are_not_rendered_unless_asked(tmp_path):
@@ -166,8 +198,14 @@ def test_render_score_table_end_to_end(tmp_path):
 
     run = make_run(tmp_path / "sweep", "sds_ball")
     ev = ClipEvaluator(str(tiny_clip.tiny_clip_dir()))
-    res = score_run(run, ev, render_opts=RenderOptions(n_views=5, resolution=32), device="cpu", progress=False,
-                    load_scene=loader(SphereScene()))
+    res = score_run(
+        run,
+        ev,
+        render_opts=RenderOptions(n_views=5, resolution=32),
+        device="cpu",
+        progress=False,
+        load_scene=loader(SphereScene()),
+    )
     assert res.status == "scored"
     scores = json.loads((run / "eval" / "scores.json").read_text())
     assert scores["model"]["spec"] == str(tiny_clip.tiny_clip_dir()) and scores["prompt"] == "a colourful ball"
@@ -175,12 +213,22 @@ def test_render_score_table_end_to_end(tmp_path):
     assert set(scores["iqa"]) == {"quality", "sharpness", "real"}
     # the stored numbers are the evaluator's on the saved PNGs
     views = load_views(run)
-    np.testing.assert_allclose(scores["clip_score"]["per_view"], ev.clip_scores(views, "a colourful ball").numpy(),
-                               atol=1e-4)
+    np.testing.assert_allclose(
+        scores["clip_score"]["per_view"], ev.clip_scores(views, "a colourful ball").numpy(), atol=1e-4
+    )
     np.testing.assert_allclose(scores["iqa"]["real"]["per_view"], ev.iqa_scores(views)["real"].numpy(), atol=1e-4)
     assert scores["clip_score"]["std"] == pytest.approx(float(np.std(scores["clip_score"]["per_view"])), abs=1e-9)
-    assert score_run(run, ev, render_opts=RenderOptions(n_views=5, resolution=32), device="cpu", progress=False,
-                     load_scene=loader(SphereScene())).status == "up-to-date"
+    assert (
+        score_run(
+            run,
+            ev,
+            render_opts=RenderOptions(n_views=5, resolution=32),
+            device="cpu",
+            progress=False,
+            load_scene=loader(SphereScene()),
+        ).status
+        == "up-to-date"
+    )
     g = aggregate(tmp_path / "sweep").groups[0]
     assert g.stat("clip")[0] == pytest.approx(scores["clip_score"]["mean"], abs=1e-9)
     assert "tiny-openai-clip" in to_markdown(aggregate(tmp_path / "sweep"))
@@ -195,8 +243,11 @@ def test_image_scene_checkpoint_through_rundir(tmp_path):
     scene = image_mod.ImageScene(cfg)
     with torch.no_grad():
         scene.image.copy_(torch.rand(1, 3, 8, 8, generator=torch.Generator().manual_seed(0)))
-    run = make_run(tmp_path, scene_cfg={"_target_": "distill.scene.image.ImageScene", "height": 8, "width": 8},
-                   checkpoint={"scene": scene.state_dict(), "step": 10})
+    run = make_run(
+        tmp_path,
+        scene_cfg={"_target_": "distill.scene.image.ImageScene", "height": 8, "width": 8},
+        checkpoint={"scene": scene.state_dict(), "step": 10},
+    )
     res = render_run(run, RenderOptions(n_views=3, resolution=8), device="cpu", progress=False)
     assert res.status == "rendered", res.message
     expected = (scene.image[0].detach().permute(1, 2, 0).numpy() * 255 + 0.5).astype(np.uint8)
@@ -212,15 +263,23 @@ def test_nerf_checkpoint_renders_orbit_views_via_cli(tmp_path):
     nerf = pytest.importorskip("distill.scene.nerf", reason="distill.scene.nerf (the 3D scene) is not written yet")
     from eval.__main__ import main
 
-    scene_cfg = {"_target_": "distill.scene.nerf.NeRFScene",
-                 "encoding": {"n_levels": 2, "log2_hashmap_size": 10, "base_resolution": 4, "start_level": 2,
-                              "backend": "torch"},
-                 "background": {"kind": "solid"},
-                 "renderer": {"samples_per_ray": 16, "occupancy": {"enabled": False}}}
+    scene_cfg = {
+        "_target_": "distill.scene.nerf.NeRFScene",
+        "encoding": {
+            "n_levels": 2,
+            "log2_hashmap_size": 10,
+            "base_resolution": 4,
+            "start_level": 2,
+            "backend": "torch",
+        },
+        "background": {"kind": "solid"},
+        "renderer": {"samples_per_ray": 16, "occupancy": {"enabled": False}},
+    }
     scene = nerf.NeRFScene(scene_cfg)
     run = make_run(tmp_path, "nerf_run", scene_cfg=scene_cfg, checkpoint={"scene": scene.state_dict(), "step": 10})
-    code = main(["render", str(run), "--views", "4", "--resolution", "16", "--render-batch", "3", "--device", "cpu",
-                 "--quiet"])
+    code = main(
+        ["render", str(run), "--views", "4", "--resolution", "16", "--render-batch", "3", "--device", "cpu", "--quiet"]
+    )
     assert code == 0
     views = sorted((run / "eval" / "views").glob("view_*.png"))
     assert len(views) == 4 and _png(views[0]).shape == (16, 16, 3)
@@ -230,6 +289,8 @@ def test_nerf_checkpoint_renders_orbit_views_via_cli(tmp_path):
     assert info["empty"] is False  # the density blob at the origin is visible from every view
     # evaluation renders are deterministic: rendering again gives the same pixels
     first = _png(views[1])
-    assert main(["render", str(run), "--views", "4", "--resolution", "16", "--device", "cpu", "--quiet",
-                 "--overwrite"]) == 0
+    assert (
+        main(["render", str(run), "--views", "4", "--resolution", "16", "--device", "cpu", "--quiet", "--overwrite"])
+        == 0
+    )
     np.testing.assert_array_equal(first, _png(views[1]))

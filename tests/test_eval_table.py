@@ -25,14 +25,33 @@ NERF = "distill.scene.nerf.NeRFScene"
 IMAGE = "distill.scene.image.ImageScene"
 
 
-def make_run(root: Path, name: str, *, method: str | None = None, guidance: str = "sds", prompt: str = "a cat",
-             max_steps: int = 10000, prior: str = SD, scene: str = NERF, metrics: dict | None = None,
-             clip: list[float] | None = None, iqa: dict[str, list[float]] | None = None,
-             render: dict | None = None, model: str = "tiny-openai-clip", checkpoint: bool = True) -> Path:
+def make_run(
+    root: Path,
+    name: str,
+    *,
+    method: str | None = None,
+    guidance: str = "sds",
+    prompt: str = "a cat",
+    max_steps: int = 10000,
+    prior: str = SD,
+    scene: str = NERF,
+    metrics: dict | None = None,
+    clip: list[float] | None = None,
+    iqa: dict[str, list[float]] | None = None,
+    render: dict | None = None,
+    model: str = "tiny-openai-clip",
+    checkpoint: bool = True,
+) -> Path:
     run = root / name
     run.mkdir(parents=True)
-    cfg = {"prompt": prompt, "seed": 0, "guidance": {"name": guidance}, "trainer": {"max_steps": max_steps},
-           "prior": {"_target_": prior}, "scene": {"_target_": scene}}
+    cfg = {
+        "prompt": prompt,
+        "seed": 0,
+        "guidance": {"name": guidance},
+        "trainer": {"max_steps": max_steps},
+        "prior": {"_target_": prior},
+        "scene": {"_target_": scene},
+    }
     if method:
         cfg["method"] = method
     (run / "config.yaml").write_text(yaml.safe_dump(cfg))
@@ -44,8 +63,14 @@ def make_run(root: Path, name: str, *, method: str | None = None, guidance: str 
     if clip is not None:
         iqa = iqa or {k: [50.0] * len(clip) for k in ("quality", "sharpness", "real")}
         summ = lambda v: {"per_view": v, "mean": sum(v) / len(v), "std": 0.0, "n": len(v)}  # noqa: E731
-        scores = {"version": 1, "prompt": prompt, "model": {"spec": model}, "n_views": len(clip),
-                  "clip_score": summ(clip), "iqa": {k: summ(v) for k, v in iqa.items()}}
+        scores = {
+            "version": 1,
+            "prompt": prompt,
+            "model": {"spec": model},
+            "n_views": len(clip),
+            "clip_score": summ(clip),
+            "iqa": {k: summ(v) for k, v in iqa.items()},
+        }
         (run / "eval").mkdir(exist_ok=True)
         (run / "eval" / "scores.json").write_text(json.dumps(scores))
     if render is not None:
@@ -55,38 +80,96 @@ def make_run(root: Path, name: str, *, method: str | None = None, guidance: str 
 
 
 def fin(seconds: float, mem_mb: float, **extra) -> dict:
-    return {"status": "finished", "steps": 10000, "max_steps": 10000, "seconds": seconds, "peak_memory_mb": mem_mb,
-            "diverged": False, "diverged_reason": None, "device": "cuda:0", **extra}
+    return {
+        "status": "finished",
+        "steps": 10000,
+        "max_steps": 10000,
+        "seconds": seconds,
+        "peak_memory_mb": mem_mb,
+        "diverged": False,
+        "diverged_reason": None,
+        "device": "cuda:0",
+        **extra,
+    }
 
 
 @pytest.fixture
 def sweep(tmp_path: Path) -> Path:
     root = tmp_path / "sweep"
     # --- SDS on SD + NeRF (nested a level deeper, as a multirun would) ---
-    make_run(root, "sds/p0", prompt="p0", metrics=fin(600, 1024), clip=[30.0, 32.0],
-             iqa={"quality": [70.0, 80.0], "sharpness": [99.0, 97.0], "real": [90.0, 100.0]},
-             render={"empty": False, "nan_views": 0, "mean_opacity": [0.3, 0.2]})
-    make_run(root, "sds/p1", prompt="p1", metrics=fin(1200, 2048), clip=[28.0, 34.0],
-             iqa={"quality": [60.0, 90.0], "sharpness": [95.0, 93.0], "real": [80.0, 90.0]})
-    make_run(root, "sds/p2_nan", prompt="p2", metrics={**fin(100, 512), "status": "diverged", "diverged": True,
-                                                       "diverged_reason": "nan"})
-    make_run(root, "sds/p3_empty", prompt="p3", metrics=fin(1800, 3072), clip=[5.0, 5.0],
-             render={"empty": True, "nan_views": 0, "mean_opacity": [0.0, 0.001]})
-    make_run(root, "sds/p4_oom", prompt="p4", metrics={"status": "failed", "diverged": True,
-                                                       "diverged_reason": "oom", "steps": 3})
-    make_run(root, "sds/p5_running", prompt="p5", metrics={"status": "running", "steps": 500, "max_steps": 10000,
-                                                           "seconds": 50, "peak_memory_mb": 999})
+    make_run(
+        root,
+        "sds/p0",
+        prompt="p0",
+        metrics=fin(600, 1024),
+        clip=[30.0, 32.0],
+        iqa={"quality": [70.0, 80.0], "sharpness": [99.0, 97.0], "real": [90.0, 100.0]},
+        render={"empty": False, "nan_views": 0, "mean_opacity": [0.3, 0.2]},
+    )
+    make_run(
+        root,
+        "sds/p1",
+        prompt="p1",
+        metrics=fin(1200, 2048),
+        clip=[28.0, 34.0],
+        iqa={"quality": [60.0, 90.0], "sharpness": [95.0, 93.0], "real": [80.0, 90.0]},
+    )
+    make_run(
+        root,
+        "sds/p2_nan",
+        prompt="p2",
+        metrics={**fin(100, 512), "status": "diverged", "diverged": True, "diverged_reason": "nan"},
+    )
+    make_run(
+        root,
+        "sds/p3_empty",
+        prompt="p3",
+        metrics=fin(1800, 3072),
+        clip=[5.0, 5.0],
+        render={"empty": True, "nan_views": 0, "mean_opacity": [0.0, 0.001]},
+    )
+    make_run(
+        root,
+        "sds/p4_oom",
+        prompt="p4",
+        metrics={"status": "failed", "diverged": True, "diverged_reason": "oom", "steps": 3},
+    )
+    make_run(
+        root,
+        "sds/p5_running",
+        prompt="p5",
+        metrics={"status": "running", "steps": 500, "max_steps": 10000, "seconds": 50, "peak_memory_mb": 999},
+    )
     make_run(root, "sds/p6_missing", prompt="p6", metrics=None)
-    make_run(root, "sds/p7_crash", prompt="p7", metrics={"status": "failed", "diverged": False,
-                                                         "error": "Traceback ...\nRuntimeError: disk full"})
+    make_run(
+        root,
+        "sds/p7_crash",
+        prompt="p7",
+        metrics={"status": "failed", "diverged": False, "error": "Traceback ...\nRuntimeError: disk full"},
+    )
     # --- SDI (guidance ddim_inversion, no explicit method) ---
     make_run(root, "sdi/p0", guidance="ddim_inversion", prompt="p0", metrics=fin(3000, 4096), clip=[33.0, 35.0])
     # --- analytic prior, 2D image scene, explicit method label ---
-    make_run(root, "analytic/a", method="sdi", guidance="ddim_inversion", prior=ANALYTIC, scene=IMAGE,
-             max_steps=500, metrics=fin(6, 100, psnr=20.0, ssim=0.5, realism_high_band=0.8, resumed_from_step=0,
-                                        mesh_vertices=123))
-    make_run(root, "analytic/b", method="sdi", guidance="ddim_inversion", prior=ANALYTIC, scene=IMAGE,
-             max_steps=500, metrics=fin(12, 300, psnr=24.0, ssim=0.7, realism_high_band=0.6))
+    make_run(
+        root,
+        "analytic/a",
+        method="sdi",
+        guidance="ddim_inversion",
+        prior=ANALYTIC,
+        scene=IMAGE,
+        max_steps=500,
+        metrics=fin(6, 100, psnr=20.0, ssim=0.5, realism_high_band=0.8, resumed_from_step=0, mesh_vertices=123),
+    )
+    make_run(
+        root,
+        "analytic/b",
+        method="sdi",
+        guidance="ddim_inversion",
+        prior=ANALYTIC,
+        scene=IMAGE,
+        max_steps=500,
+        metrics=fin(12, 300, psnr=24.0, ssim=0.7, realism_high_band=0.6),
+    )
     # --- unreadable: metrics.json without config.yaml; corrupt metrics.json ---
     (root / "orphan").mkdir()
     (root / "orphan" / "metrics.json").write_text(json.dumps(fin(1, 1)))
@@ -159,10 +242,25 @@ def test_markdown_csv_latex_outputs(sweep, tmp_path):
     assert "29.81\u00b12.49" in md and "33.47\u00b12.49" in md and "18.6" in md
     assert "CLIP model: tiny-openai-clip" in md
     # explicit lists of runs left out of the averages
-    for needle in ("Diverged: 3", "p2_nan", "nan", "p3_empty", "empty", "p4_oom", "oom",
-                   "Half-finished (status running): 1", "sds/p5_running", "step 500/10000",
-                   "Missing (no metrics.json): 1", "sds/p6_missing", "disk full", "orphan",
-                   "p9", "Ground truth", "22.000\u00b12.000"):
+    for needle in (
+        "Diverged: 3",
+        "p2_nan",
+        "nan",
+        "p3_empty",
+        "empty",
+        "p4_oom",
+        "oom",
+        "Half-finished (status running): 1",
+        "sds/p5_running",
+        "step 500/10000",
+        "Missing (no metrics.json): 1",
+        "sds/p6_missing",
+        "disk full",
+        "orphan",
+        "p9",
+        "Ground truth",
+        "22.000\u00b12.000",
+    ):
         assert needle in md, needle
 
     files = write_tables(agg, tmp_path / "out")
@@ -213,12 +311,22 @@ def test_not_a_run_gives_a_clear_error(tmp_path, capsys):
 
 def test_cli_module_entry_point(sweep, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(_SRC) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    out = subprocess.run([sys.executable, "-m", "eval", "table", str(sweep), "--out", str(tmp_path / "t")],
-                         capture_output=True, text=True, env=env, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-m", "eval", "table", str(sweep), "--out", str(tmp_path / "t")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr
     assert "SDS 10k" in out.stdout and (tmp_path / "t" / "table.csv").is_file()
-    bad = subprocess.run([sys.executable, "-m", "eval", "score", str(tmp_path / "missing-dir")],
-                         capture_output=True, text=True, env=env, timeout=120)
+    bad = subprocess.run(
+        [sys.executable, "-m", "eval", "score", str(tmp_path / "missing-dir")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert bad.returncode == 2 and "does not exist" in bad.stderr
 
 

@@ -57,7 +57,14 @@ def test_export_all_for_the_trainer(tmp_path):
         def log_video(self, name, path, step):
             logged.append((name, path, step))
 
-    res = export_all(_scene(), tmp_path, CameraSamplerConfig(height=12, width=12), logger=Logger(), step=7,
-                     n_frames=3, mesh_resolution=24)
+    res = export_all(
+        _scene(),
+        tmp_path,
+        CameraSamplerConfig(height=12, width=12),
+        logger=Logger(),
+        step=7,
+        n_frames=3,
+        mesh_resolution=24,
+    )
     assert (tmp_path / res["turntable_mp4"]).exists() and (tmp_path / res["mesh_ply"]).exists()
     assert res["mesh_vertices"] > 0 and logged[0][0] == "turntable" and logged[0][2] == 7

@@ -6,7 +6,7 @@ import statistics
 import pytest
 import torch
 
-from distill.ddim import InversionConfig, add_noise
+from distill.ddim import InversionConfig
 from distill.guidance import CFGConfig, GuidanceConfig, ScoreDistillation, guided_eps, perpendicular_component
 from distill.kappa import STRATEGIES, KappaConfig, eq44_residual, make_kappa
 from distill.priors.analytic import AnalyticPrior, AnalyticPriorConfig
@@ -45,8 +45,14 @@ class LinearTextPrior(DiffusionPrior):
 @pytest.fixture
 def cams():
     # azimuths: front-ish, side-back, overhead
-    return cameras_from_spherical(torch.tensor([10.0, 20.0, 70.0]), torch.tensor([30.0, 130.0, -60.0]),
-                                  torch.tensor([2.0, 2.0, 2.0]), torch.tensor([50.0, 50.0, 50.0]), 4, 4)
+    return cameras_from_spherical(
+        torch.tensor([10.0, 20.0, 70.0]),
+        torch.tensor([30.0, 130.0, -60.0]),
+        torch.tensor([2.0, 2.0, 2.0]),
+        torch.tensor([50.0, 50.0, 50.0]),
+        4,
+        4,
+    )
 
 
 def test_view_directions_follow_threestudio_thresholds():
@@ -97,7 +103,9 @@ def test_perp_neg_matches_hand_computation(cams):
     for b, (pos, negs, w) in enumerate(expected):
         e_u = 0.3 * x[b] + unc
         e_pos = (0.3 * x[b] + pos) - e_u
-        acc = sum(wi * perpendicular_component(((0.3 * x[b] + n) - e_u)[None], e_pos[None])[0] for wi, n in zip(w, negs))
+        acc = sum(
+            wi * perpendicular_component(((0.3 * x[b] + n) - e_u)[None], e_pos[None])[0] for wi, n in zip(w, negs)
+        )
         assert torch.allclose(eps[b], e_u + 7.5 * (e_pos + acc), atol=1e-10)
 
 
@@ -111,8 +119,13 @@ def test_sds_gradient_is_sigma_times_eps_difference():
     """d/dx0 of 0.5 ||x0 - sg(x0_hat)||^2 (sum) = sigma(t) (eps_hat - kappa), paper eq. 3.4."""
     prior = AnalyticPrior(AnalyticPriorConfig(image_size=8))
     cond = PromptProcessor(PromptConfig(prompt="a red circle", view_dependent=False, perp_neg=False), prior)(None, 1)
-    sd = ScoreDistillation(prior, make_kappa(KappaConfig("random_resampled")), TimeSchedule(TimeScheduleConfig("uniform")),
-                           GuidanceConfig(name="sds", loss_reduction="sum"), CFGConfig(7.5, 7.5))
+    sd = ScoreDistillation(
+        prior,
+        make_kappa(KappaConfig("random_resampled")),
+        TimeSchedule(TimeScheduleConfig("uniform")),
+        GuidanceConfig(name="sds", loss_reduction="sum"),
+        CFGConfig(7.5, 7.5),
+    )
     x0 = prior.sample("a red circle", 1, torch.Generator().manual_seed(0)).float().requires_grad_(True)
     out = sd.step(x0, cond, 0, 10, torch.Generator().manual_seed(1))
     out.loss.backward()
@@ -168,10 +181,16 @@ def test_exact_kappa_sdi_keeps_sample_texture_where_sds_smooths_it():
             g = torch.Generator().manual_seed(seed)
             x = prior2d.sample("a red circle", 1, g).float().requires_grad_(True)
             if name == "sdi":
-                kappa, sched, pair = KappaConfig("fixed_point", n_iters=120), TimeScheduleConfig("anneal", 0.25, 0.5), CFGConfig(7.5, -7.5)
+                kappa, sched, pair = (
+                    KappaConfig("fixed_point", n_iters=120),
+                    TimeScheduleConfig("anneal", 0.25, 0.5),
+                    CFGConfig(7.5, -7.5),
+                )
             else:
                 kappa, sched, pair = KappaConfig("random_resampled"), TimeScheduleConfig("uniform"), CFGConfig(7.5, 7.5)
-            sd = ScoreDistillation(prior2d, make_kappa(kappa), TimeSchedule(sched), GuidanceConfig(loss_reduction="sum"), pair)
+            sd = ScoreDistillation(
+                prior2d, make_kappa(kappa), TimeSchedule(sched), GuidanceConfig(loss_reduction="sum"), pair
+            )
             opt = torch.optim.SGD([x], lr=0.2)
             for i in range(6):
                 out = sd.step(x, cond, i, 6, g)

@@ -61,7 +61,7 @@ def test_matches_loop_reference_official_config(active):
     for i in range(x.shape[0]):
         want = reference_encoding(x[i].numpy(), table, cfg, active)
         np.testing.assert_allclose(got[i], want, rtol=1e-10, atol=1e-12)
-    assert np.all(got[:, active * 2:] == 0)
+    assert np.all(got[:, active * 2 :] == 0)
 
 
 def test_layout_is_tcnns():
@@ -75,8 +75,9 @@ def test_layout_is_tcnns():
 
 
 def test_jacobian_matches_autograd_and_finite_differences():
-    cfg = HashGridConfig(n_levels=6, log2_hashmap_size=12, base_resolution=4, per_level_scale=2.0,
-                         start_level=6, backend="torch")
+    cfg = HashGridConfig(
+        n_levels=6, log2_hashmap_size=12, base_resolution=4, per_level_scale=2.0, start_level=6, backend="torch"
+    )
     hg = _random_grid(cfg, seed=5)
     x = torch.rand(50, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64) * 0.9 + 0.05
     enc, jac = hg(x, with_jacobian=True)
@@ -95,8 +96,15 @@ def test_jacobian_matches_autograd_and_finite_differences():
 
 def test_parameter_gradients_gradcheck():
     """The hand-written backward (one index_add) against numerical derivatives, value and Jacobian."""
-    cfg = HashGridConfig(n_levels=3, n_features_per_level=2, log2_hashmap_size=6, base_resolution=2,
-                         per_level_scale=2.0, start_level=3, backend="torch")
+    cfg = HashGridConfig(
+        n_levels=3,
+        n_features_per_level=2,
+        log2_hashmap_size=6,
+        base_resolution=2,
+        per_level_scale=2.0,
+        start_level=3,
+        backend="torch",
+    )
     hg = _random_grid(cfg, seed=2)
     assert [lv["dense"] for lv in hg.layout] == [True, True, False]
     x = torch.rand(7, 3, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
@@ -115,8 +123,17 @@ def _call_with_params(hg: HashGrid, x: torch.Tensor, p: torch.Tensor):
 
 def test_progressive_levels_schedule():
     hg = HashGrid(HashGridConfig(backend="torch", log2_hashmap_size=10))
-    assert [hg.levels_at(s) for s in (0, 1999, 2000, 2499, 2500, 3000, 5999, 6000, 10000)] == \
-        [8, 8, 8, 8, 9, 10, 15, 16, 16]
+    assert [hg.levels_at(s) for s in (0, 1999, 2000, 2499, 2500, 3000, 5999, 6000, 10000)] == [
+        8,
+        8,
+        8,
+        8,
+        9,
+        10,
+        15,
+        16,
+        16,
+    ]
     hg.update_step(2600)
     assert int(hg.active_levels) == 9
     assert "active_levels" in hg.state_dict()

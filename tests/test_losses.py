@@ -66,7 +66,8 @@ def test_opacity_sparsity_orientation_zvariance_closed_forms():
     want = (ent(1e-3) + ent(0.5) + ent(1 - 1e-3) + ent(0.25)) / 4
     assert losses.opacity_loss(o).item() == pytest.approx(want, rel=1e-6)
     assert losses.sparsity_loss(o).item() == pytest.approx(
-        sum(math.sqrt(v**2 + 0.01) for v in (0.0, 0.5, 1.0, 0.25)) / 4, rel=1e-6)
+        sum(math.sqrt(v**2 + 0.01) for v in (0.0, 0.5, 1.0, 0.25)) / 4, rel=1e-6
+    )
     orient = torch.tensor([0.3, 0.1, 0.0, 0.2]).view(1, 1, 2, 2)
     assert losses.orientation_loss(orient, o).item() == pytest.approx(0.6 / 3)  # 3 pixels with O > 0
     zv = torch.tensor([5.0, 1.0, 2.0, 7.0]).view(1, 1, 2, 2)

@@ -91,8 +91,13 @@ def test_analytic_normals_match_finite_differences():
     x = (torch.rand(200, 3, generator=torch.Generator().manual_seed(2), dtype=torch.float64) - 0.5) * 1.2
     analytic = scene.geometry(x)["normal"]
     h = 1e-6
-    grad = torch.stack([(scene.raw_density(x + h * e) - scene.raw_density(x - h * e)) / (2 * h)
-                        for e in torch.eye(3, dtype=torch.float64)], dim=-1)
+    grad = torch.stack(
+        [
+            (scene.raw_density(x + h * e) - scene.raw_density(x - h * e)) / (2 * h)
+            for e in torch.eye(3, dtype=torch.float64)
+        ],
+        dim=-1,
+    )
     fd = -grad / grad.norm(dim=-1, keepdim=True)
     close = (analytic - fd).norm(dim=-1) < 1e-4
     assert close.float().mean() > 0.95  # misses only where a cell boundary or ReLU kink is crossed
@@ -107,7 +112,7 @@ def test_analytic_normals_match_finite_differences():
 
 def test_normals_carry_gradients_to_the_hash_grid():
     scene = _scene_with_random_field(small_config(), scale=0.1)
-    x = (torch.rand(64, 3, generator=torch.Generator().manual_seed(3), dtype=torch.float64) - 0.5)
+    x = torch.rand(64, 3, generator=torch.Generator().manual_seed(3), dtype=torch.float64) - 0.5
     scene.geometry(x)["normal"][:, 2].sum().backward()
     assert scene.encoding.params.grad.abs().sum() > 0
     assert scene.density_net.layers[0].weight.grad.abs().sum() > 0

@@ -50,8 +50,12 @@ def embed_cache(tmp_path_factory) -> Path:
 
 
 def make_prior(tiny_sd_dir, embed_cache=None, **kw) -> StableDiffusionPrior:
-    cfg = StableDiffusionPrior.Config(model=str(tiny_sd_dir), resolution=64, dtype="fp32",
-                                      embedding_cache_dir=str(embed_cache) if embed_cache else None)
+    cfg = StableDiffusionPrior.Config(
+        model=str(tiny_sd_dir),
+        resolution=64,
+        dtype="fp32",
+        embedding_cache_dir=str(embed_cache) if embed_cache else None,
+    )
     return StableDiffusionPrior(replace(cfg, **kw), device="cpu")
 
 
@@ -119,8 +123,9 @@ def test_yaml_matches_config_and_builds(tiny_sd_dir):
     assert isinstance(p, StableDiffusionPrior) and p.cfg.resolution == 64 and p.dtype == torch.float32
 
 
-@pytest.mark.parametrize("bad", [dict(dtype="fp8"), dict(attention="flash"), dict(vae_posterior="mode"),
-                                 dict(resolution=500)])
+@pytest.mark.parametrize(
+    "bad", [dict(dtype="fp8"), dict(attention="flash"), dict(vae_posterior="mode"), dict(resolution=500)]
+)
 def test_bad_config_raises(tiny_sd_dir, bad):
     with pytest.raises(PriorError, match=next(iter(bad))):
         make_prior(tiny_sd_dir, **bad)
@@ -231,7 +236,7 @@ def test_eps_batched_equals_rows_and_counts(prior):
     prior.reset_counters()
     with torch.no_grad():
         out = prior.eps(x, t, e)
-        rows = torch.cat([prior.eps(x[i:i + 1], t[i:i + 1], e[i:i + 1]) for i in range(3)])
+        rows = torch.cat([prior.eps(x[i : i + 1], t[i : i + 1], e[i : i + 1]) for i in range(3)])
         scalar_t = prior.eps(x[:2], 500, e[:2])
     assert prior.unet_calls == 5 and prior.unet_rows == 3 + 3 + 2
     torch.testing.assert_close(out, rows, rtol=0, atol=1e-5)
@@ -294,9 +299,15 @@ def test_from_components_without_text_encoder(prior_mean):
     """The benchmark's path: wrap already-built modules (random SD-shaped weights there)."""
     import copy
 
-    p = StableDiffusionPrior.from_components(copy.deepcopy(prior_mean.unet), copy.deepcopy(prior_mean.vae),
-                                             device="cpu", dtype="fp32", resolution=64, embedding_cache_dir=None,
-                                             vae_posterior="mean")
+    p = StableDiffusionPrior.from_components(
+        copy.deepcopy(prior_mean.unet),
+        copy.deepcopy(prior_mean.vae),
+        device="cpu",
+        dtype="fp32",
+        resolution=64,
+        embedding_cache_dir=None,
+        vae_posterior="mean",
+    )
     assert torch.equal(p.alphas_cumprod, prior_mean.alphas_cumprod) and p.prediction_type == "epsilon"
     emb = prior_mean.embed_prompts([PROMPT])
     x, t = torch.randn(1, 4, 8, 8), torch.tensor([300])
@@ -325,8 +336,9 @@ def _cameras(azimuths, elevation=10.0):
 
     n = len(azimuths)
     full = lambda v: torch.full((n,), float(v))  # noqa: E731
-    return cameras_from_spherical(full(elevation), torch.tensor(azimuths, dtype=torch.float32), full(1.75),
-                                  full(55.0), 64, 64)
+    return cameras_from_spherical(
+        full(elevation), torch.tensor(azimuths, dtype=torch.float32), full(1.75), full(55.0), 64, 64
+    )
 
 
 def _processor(prior, perp_neg: bool, view_dependent: bool = True):
@@ -355,10 +367,10 @@ def test_cfg_and_perp_neg_against_hand_computation(prior):
     assert prior.unet_calls == 2 and prior.unet_rows == 8  # one batched call each: [cond; uncond]
     front, side = prior.embed_prompts([PROMPT + ", front view", PROMPT + ", side view"])
     for b, e_text in enumerate((front, side)):
-        ec = one(x[b:b + 1], t[b:b + 1], e_text[None])
-        eu = one(x[b:b + 1], t[b:b + 1], prior.embed_prompts([""]))
-        torch.testing.assert_close(got[b:b + 1], eu + s * (ec - eu), rtol=0, atol=1e-4)
-        torch.testing.assert_close(got_ts[b:b + 1], ec + s * (ec - eu), rtol=0, atol=1e-4)
+        ec = one(x[b : b + 1], t[b : b + 1], e_text[None])
+        eu = one(x[b : b + 1], t[b : b + 1], prior.embed_prompts([""]))
+        torch.testing.assert_close(got[b : b + 1], eu + s * (ec - eu), rtol=0, atol=1e-4)
+        torch.testing.assert_close(got_ts[b : b + 1], ec + s * (ec - eu), rtol=0, atol=1e-4)
 
     # Perp-Neg: azimuth 30 (front/side interpolation) and 150 (side/back interpolation)
     cond = _processor(prior, perp_neg=True)(_cameras([30.0, 150.0]))
@@ -366,20 +378,27 @@ def test_cfg_and_perp_neg_against_hand_computation(prior):
     with torch.no_grad():
         got = guided_eps(prior, x, t, cond, s)
     assert prior.unet_calls == 1 and prior.unet_rows == 2 * 4  # [cond; uncond; neg1; neg2] x 2 views
-    E = dict(zip(("front", "side", "back"),
-                 prior.embed_prompts([PROMPT + f", {d} view" for d in ("front", "side", "back")])))
+    E = dict(
+        zip(("front", "side", "back"), prior.embed_prompts([PROMPT + f", {d} view" for d in ("front", "side", "back")]))
+    )
     uncond = prior.embed_prompts([""])[0]
     dec = lambda a, b, c, r: a * math.exp(-b * r) + c  # noqa: E731 - threestudio's weight schedule
     r0 = 1 - 30 / 90  # front-side: r = 1 is fully front
     r1 = 2 - 150 / 90  # side-back: r = 1 is fully side
     hand_views = [
-        (r0 * E["front"] + (1 - r0) * E["side"], [E["front"], E["side"]],
-         [-dec(4, 0.5, -2.426, r0), -dec(4, 0.5, -2.426, 1 - r0)]),
-        (r1 * E["side"] + (1 - r1) * E["back"], [E["side"], E["front"]],
-         [-dec(1, 0.5, -0.606, r1), -dec(1, 0.5, 0.967, r1)]),
+        (
+            r0 * E["front"] + (1 - r0) * E["side"],
+            [E["front"], E["side"]],
+            [-dec(4, 0.5, -2.426, r0), -dec(4, 0.5, -2.426, 1 - r0)],
+        ),
+        (
+            r1 * E["side"] + (1 - r1) * E["back"],
+            [E["side"], E["front"]],
+            [-dec(1, 0.5, -0.606, r1), -dec(1, 0.5, 0.967, r1)],
+        ),
     ]
     for b, (pos, negs, ws) in enumerate(hand_views):
-        xb, tb = x[b:b + 1], t[b:b + 1]
+        xb, tb = x[b : b + 1], t[b : b + 1]
         ec, eu = one(xb, tb, pos[None]), one(xb, tb, uncond[None])
         e_pos = ec - eu
         acc = torch.zeros_like(e_pos)
@@ -387,13 +406,14 @@ def test_cfg_and_perp_neg_against_hand_computation(prior):
             e_neg = one(xb, tb, neg[None]) - eu
             coef = (e_neg * e_pos).sum() / (e_pos * e_pos).sum()
             acc = acc + w * (e_neg - coef * e_pos)
-        torch.testing.assert_close(got[b:b + 1], eu + s * (e_pos + acc), rtol=0, atol=1e-4)
+        torch.testing.assert_close(got[b : b + 1], eu + s * (e_pos + acc), rtol=0, atol=1e-4)
         torch.testing.assert_close(cond.cond[b], pos, rtol=0, atol=1e-6)
         torch.testing.assert_close(cond.neg_weights[b], torch.tensor(ws, dtype=torch.float32), rtol=0, atol=1e-5)
 
 
-def _distiller(prior, kappa_name: str, schedule: str, fwd: float = 7.5, inv: float = -7.5, reduction="mean",
-               inversion=None):
+def _distiller(
+    prior, kappa_name: str, schedule: str, fwd: float = 7.5, inv: float = -7.5, reduction="mean", inversion=None
+):
     from distill.ddim import InversionConfig
     from distill.guidance import CFGConfig, GuidanceConfig, ScoreDistillation
     from distill.kappa import KappaConfig, make_kappa
@@ -401,9 +421,13 @@ def _distiller(prior, kappa_name: str, schedule: str, fwd: float = 7.5, inv: flo
 
     sched = TimeScheduleConfig(name=schedule, t_min=0.25 if schedule == "anneal" else 0.02, t_max=0.98)
     name = "ddim_inversion" if kappa_name == "ddim_inversion" else "sds"
-    return ScoreDistillation(prior, make_kappa(KappaConfig(name=kappa_name), inversion or InversionConfig()),
-                             TimeSchedule(sched, prior.num_train_timesteps),
-                             GuidanceConfig(name=name, loss_reduction=reduction), CFGConfig(fwd=fwd, inv=inv))
+    return ScoreDistillation(
+        prior,
+        make_kappa(KappaConfig(name=kappa_name), inversion or InversionConfig()),
+        TimeSchedule(sched, prior.num_train_timesteps),
+        GuidanceConfig(name=name, loss_reduction=reduction),
+        CFGConfig(fwd=fwd, inv=inv),
+    )
 
 
 def test_sds_step_end_to_end(prior):

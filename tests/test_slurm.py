@@ -24,8 +24,10 @@ PROFILES = REPO / "slurm" / "profiles"
 CLUSTER_SH = REPO / "slurm" / "local_cluster.sh"
 CHEAP = ["experiment=sdi_2d", "trainer.progress=false", "trainer.image_every=0", "trainer.eval_views=1"]
 
-needs_train = pytest.mark.skipif(not (REPO / "train.py").exists() or not (REPO / "conf" / "train.yaml").exists(),
-                                 reason="train.py / conf/train.yaml not written yet")
+needs_train = pytest.mark.skipif(
+    not (REPO / "train.py").exists() or not (REPO / "conf" / "train.yaml").exists(),
+    reason="train.py / conf/train.yaml not written yet",
+)
 
 
 # ------------------------------------------------------------------------------ helpers
@@ -48,8 +50,9 @@ def child_env() -> dict:
 
 def run_train(out: Path, *overrides: str, timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
     cmd = [sys.executable, str(REPO / "train.py"), *overrides, f"paths.output_root={out}"]
-    r = subprocess.run(cmd, cwd=out.parent, capture_output=True, text=True, timeout=timeout,
-                       env={**child_env(), **(env or {})})
+    r = subprocess.run(
+        cmd, cwd=out.parent, capture_output=True, text=True, timeout=timeout, env={**child_env(), **(env or {})}
+    )
     assert r.returncode == 0, f"{' '.join(cmd)}\n--- stdout\n{r.stdout[-4000:]}\n--- stderr\n{r.stderr[-4000:]}"
     return r
 
@@ -72,14 +75,37 @@ def sh(*cmd: str, timeout: int = 60) -> subprocess.CompletedProcess:
 
 # ------------------------------------------------------------------------------ profiles
 @needs_train
-@pytest.mark.parametrize("name,target,expect", [
-    ("local", "SlurmLauncher", {"partition": "debug", "gpus_per_node": 0, "cpus_per_task": 1}),
-    ("a100", "SlurmLauncher", {"gpus_per_node": 1, "cpus_per_task": 8, "mem_gb": 64, "timeout_min": 240,
-                               "signal_delay_s": 120, "max_num_timeout": 3}),
-    ("h100", "SlurmLauncher", {"gpus_per_node": 1, "cpus_per_task": 8, "mem_gb": 64, "timeout_min": 240,
-                               "signal_delay_s": 120, "max_num_timeout": 3}),
-    ("local_submitit", "LocalLauncher", {"gpus_per_node": 0, "cpus_per_task": 1}),
-])
+@pytest.mark.parametrize(
+    "name,target,expect",
+    [
+        ("local", "SlurmLauncher", {"partition": "debug", "gpus_per_node": 0, "cpus_per_task": 1}),
+        (
+            "a100",
+            "SlurmLauncher",
+            {
+                "gpus_per_node": 1,
+                "cpus_per_task": 8,
+                "mem_gb": 64,
+                "timeout_min": 240,
+                "signal_delay_s": 120,
+                "max_num_timeout": 3,
+            },
+        ),
+        (
+            "h100",
+            "SlurmLauncher",
+            {
+                "gpus_per_node": 1,
+                "cpus_per_task": 8,
+                "mem_gb": 64,
+                "timeout_min": 240,
+                "signal_delay_s": 120,
+                "max_num_timeout": 3,
+            },
+        ),
+        ("local_submitit", "LocalLauncher", {"gpus_per_node": 0, "cpus_per_task": 1}),
+    ],
+)
 def test_profile_composes_with_the_project(name, target, expect, profile_overrides):
     from hydra import compose, initialize_config_dir
 
@@ -88,8 +114,11 @@ def test_profile_composes_with_the_project(name, target, expect, profile_overrid
 
     register_resolvers()
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        cfg = compose("train", overrides=[f"+slurm={name}", "seed=3", "trainer.max_steps=7", *profile_overrides],
-                      return_hydra_config=True)
+        cfg = compose(
+            "train",
+            overrides=[f"+slurm={name}", "seed=3", "trainer.max_steps=7", *profile_overrides],
+            return_hydra_config=True,
+        )
     launcher = cfg.hydra.launcher
     assert launcher._target_.endswith("." + target)
     for k, v in expect.items():
@@ -139,7 +168,8 @@ def _slurm_answers() -> str | None:
         return "sinfo not found"
     ping = sh("scontrol", "ping", timeout=30)  # instant, where sinfo retries for ~10 s
     if ping.returncode != 0:
-        return f"slurmctld does not answer: {ping.stdout.strip().splitlines()[0] if ping.stdout.strip() else ping.stderr.strip()[:200]}"
+        said = ping.stdout.strip().splitlines()[0] if ping.stdout.strip() else ping.stderr.strip()[:200]
+        return f"slurmctld does not answer: {said}"
     r = sh("sinfo", "-h", "-p", "debug", "-o", "%a %T", timeout=30)
     if r.returncode != 0:
         return f"sinfo failed: {r.stderr.strip()[:300]}"
@@ -179,7 +209,9 @@ def settled_states(job_id: str, timeout_s: float = 60.0) -> list[str]:
     deadline = time.monotonic() + timeout_s
     while True:
         states = sacct_states(job_id)
-        if (states and states[-1] not in ("RUNNING", "PENDING", "REQUEUED", "COMPLETING")) or time.monotonic() > deadline:
+        if (
+            states and states[-1] not in ("RUNNING", "PENDING", "REQUEUED", "COMPLETING")
+        ) or time.monotonic() > deadline:
             return states
         time.sleep(0.5)
 
@@ -199,8 +231,14 @@ def test_slurm_sweep_of_two_jobs(slurm_cluster, profile_overrides, tmp_path):
     # it went through sbatch: an array job whose script asks for the profile's resources
     (script,) = list(out.rglob(".submitit/*/*_submission.sh"))
     text = script.read_text()
-    for flag in ("#SBATCH --partition=debug", "#SBATCH --cpus-per-task=1", "#SBATCH --signal=USR2@30",
-                 "#SBATCH --array=0-1%2", "#SBATCH --time=10", "#SBATCH --mem=2GB"):
+    for flag in (
+        "#SBATCH --partition=debug",
+        "#SBATCH --cpus-per-task=1",
+        "#SBATCH --signal=USR2@30",
+        "#SBATCH --array=0-1%2",
+        "#SBATCH --time=10",
+        "#SBATCH --mem=2GB",
+    ):
         assert flag in text, (flag, text)
     array_id = script.name.split("_")[0]
     logs = submitit_logs(out)
@@ -221,15 +259,30 @@ def test_requeued_slurm_job_resumes_from_its_checkpoint(how, slurm_cluster, prof
     from checkpoints/last.pt."""
     out = tmp_path / "out"
     every, steps = 20, 1000
-    cmd = [sys.executable, str(REPO / "train.py"), "-m", "+slurm=local", *profile_overrides, *CHEAP,
-           f"trainer.max_steps={steps}", f"trainer.checkpoint_every={every}", "trainer.log_every=100", "seed=11",
-           f"paths.output_root={out}"]
+    cmd = [
+        sys.executable,
+        str(REPO / "train.py"),
+        "-m",
+        "+slurm=local",
+        *profile_overrides,
+        *CHEAP,
+        f"trainer.max_steps={steps}",
+        f"trainer.checkpoint_every={every}",
+        "trainer.log_every=100",
+        "seed=11",
+        f"paths.output_root={out}",
+    ]
     env = child_env()
     if how == "usr2":  # also: the requeued job continues the same (offline) W&B run
         cmd += ["logger=wandb", "logger.project=sdi-test"]
         env.pop("WANDB_API_KEY", None)
-        env.update(WANDB_MODE="offline", WANDB_SILENT="true", WANDB_CONFIG_DIR=str(tmp_path / "wandb-config"),
-                   WANDB_CACHE_DIR=str(tmp_path / "wandb-cache"), WANDB_DATA_DIR=str(tmp_path / "wandb-data"))
+        env.update(
+            WANDB_MODE="offline",
+            WANDB_SILENT="true",
+            WANDB_CONFIG_DIR=str(tmp_path / "wandb-config"),
+            WANDB_CACHE_DIR=str(tmp_path / "wandb-cache"),
+            WANDB_DATA_DIR=str(tmp_path / "wandb-data"),
+        )
     log = (tmp_path / "sweep.log").open("w")
     proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, env=env)
     try:
@@ -252,8 +305,11 @@ def test_requeued_slurm_job_resumes_from_its_checkpoint(how, slurm_cluster, prof
             assert r.returncode == 0, r.stderr
         else:
             # the job's own processes (step 0: python + wandb-core), before SLURM forgets them
-            pids = [int(line.split()[0]) for line in sh("scontrol", "listpids", job_id).stdout.splitlines()[1:]
-                    if line.split()[2:3] == ["0"]]
+            pids = [
+                int(line.split()[0])
+                for line in sh("scontrol", "listpids", job_id).stdout.splitlines()[1:]
+                if line.split()[2:3] == ["0"]
+            ]
             r = sh("scontrol", "requeue", job_id)
             assert r.returncode == 0, r.stderr
             # submitit ignores the SIGTERM of the requeue, so the job would train on until SIGKILL

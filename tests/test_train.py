@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 
 from distill import rundir
 from distill.config import ConfigError
@@ -61,8 +60,9 @@ def _final_state(path: Path):
 def test_interrupted_run_resumes_to_the_same_result(compose_cfg, tmp_path, monkeypatch, guidance, stop_at):
     """Killed at step ``stop_at`` (Ctrl-C / SLURM preemption), re-launched in the same directory:
     the result equals the uninterrupted run bit for bit (checkpoint every 4 steps plus one on exit)."""
-    full = compose_cfg(["experiment=sdi_2d", f"guidance={guidance}", "trainer.checkpoint_every=4",
-                        "trainer.max_steps=10", *FAST])
+    full = compose_cfg(
+        ["experiment=sdi_2d", f"guidance={guidance}", "trainer.checkpoint_every=4", "trainer.max_steps=10", *FAST]
+    )
     train(full, tmp_path / "full")
     original = Trainer.train_step
 
@@ -103,37 +103,56 @@ def test_finished_run_is_not_redone(compose_cfg, tmp_path):
 
 def test_nan_is_recorded_as_diverged_not_raised(compose_cfg, tmp_path):
     # a learning rate that overflows the image in a few SGD steps
-    cfg = compose_cfg(["experiment=sdi_2d", "trainer.max_steps=50", "optimizer.name=sgd", "scene.lr=1e30",
-                       "guidance.loss_reduction=sum", *FAST])
+    cfg = compose_cfg(
+        [
+            "experiment=sdi_2d",
+            "trainer.max_steps=50",
+            "optimizer.name=sgd",
+            "scene.lr=1e30",
+            "guidance.loss_reduction=sum",
+            *FAST,
+        ]
+    )
     m = train(cfg, tmp_path)
     assert m["status"] == "diverged" and m["diverged"] and m["diverged_reason"] == "nan"
     assert json.loads((tmp_path / "metrics.json").read_text())["status"] == "diverged"
 
 
-@pytest.mark.parametrize("overrides,message", [
-    (["schedule.t_min=0.9", "schedule.t_max=0.5"], "t_min"),
-    (["trainer.max_steps=-3"], "trainer.max_steps=-3"),
-    (["kappa.name=magic"], "kappa.name='magic'"),
-    (["inversion.n_steps=0"], "inversion.n_steps=0"),
-    (["camera.distance=[2.0,1.5]"], "camera.distance"),
-    (["trainer.max_steps=ten"], "trainer.max_steps"),
-])
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["schedule.t_min=0.9", "schedule.t_max=0.5"], "t_min"),
+        (["trainer.max_steps=-3"], "trainer.max_steps=-3"),
+        (["kappa.name=magic"], "kappa.name='magic'"),
+        (["inversion.n_steps=0"], "inversion.n_steps=0"),
+        (["camera.distance=[2.0,1.5]"], "camera.distance"),
+        (["trainer.max_steps=ten"], "trainer.max_steps"),
+    ],
+)
 def test_bad_values_fail_before_compute_naming_the_key(compose_cfg, overrides, message):
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("(", r"\(")):
         check_run_config(compose_cfg(overrides))
 
 
 def _cli(*args, cwd=ROOT):
-    return subprocess.run([sys.executable, "train.py", *args, "paths.output_root=/tmp/sdi-lab-test-outputs"],
-                          cwd=cwd, capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "train.py", *args, "paths.output_root=/tmp/sdi-lab-test-outputs"],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
-@pytest.mark.parametrize("args,needle", [
-    (["trainer.max_stepz=3"], "trainer.max_stepz"),  # unknown key (Hydra struct mode)
-    (["guidance=magic"], "guidance"),  # unknown option of a group
-    (["schedule.t_min=0.99"], "t_min"),  # impossible schedule
-    (["experiment=sdi_2d", "prompt=a purple hexagon"], "a purple hexagon"),  # unknown prompt for the prior
-])
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["trainer.max_stepz=3"], "trainer.max_stepz"),  # unknown key (Hydra struct mode)
+        (["guidance=magic"], "guidance"),  # unknown option of a group
+        (["schedule.t_min=0.99"], "t_min"),  # impossible schedule
+        (["experiment=sdi_2d", "prompt=a purple hexagon"], "a purple hexagon"),  # unknown prompt for the prior
+    ],
+)
 def test_cli_bad_input_exits_nonzero_with_one_clear_message(args, needle):
     r = _cli(*args, "logger=none", "trainer.progress=false")
     assert r.returncode != 0

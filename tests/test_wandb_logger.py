@@ -45,9 +45,9 @@ def wandb_records(path: Path) -> list:
         if block - pos % block < 7:  # block trailer too small for a header: padding
             pos += block - pos % block
             continue
-        _crc, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        _crc, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
         pos += 7
-        chunk = data[pos:pos + length]
+        chunk = data[pos : pos + length]
         pos += length
         if kind == 0 and length == 0:
             continue
@@ -134,8 +134,19 @@ def offline_runs(run_dir: Path) -> list[Path]:
 @pytest.fixture
 def offline_env(monkeypatch, tmp_path):
     """No credentials anywhere, offline, nothing written outside tmp_path."""
-    for k in ("WANDB_API_KEY", "WANDB_IDENTITY_TOKEN_FILE", "WANDB_MODE", "WANDB_DIR", "WANDB_RUN_ID",
-              "WANDB_RESUME", "WANDB_PROJECT", "WANDB_ENTITY", "WANDB_RUN_GROUP", "WANDB_TAGS", "WANDB_SERVICE"):
+    for k in (
+        "WANDB_API_KEY",
+        "WANDB_IDENTITY_TOKEN_FILE",
+        "WANDB_MODE",
+        "WANDB_DIR",
+        "WANDB_RUN_ID",
+        "WANDB_RESUME",
+        "WANDB_PROJECT",
+        "WANDB_ENTITY",
+        "WANDB_RUN_GROUP",
+        "WANDB_TAGS",
+        "WANDB_SERVICE",
+    ):
         monkeypatch.delenv(k, raising=False)
     monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
     monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb-config"))
@@ -165,8 +176,13 @@ def make_video(path: Path, n: int = 6) -> Path:
     return path
 
 
-RUN_CONFIG = {"seed": 3, "prompt": "a red circle", "experiment_name": "unit_sweep", "method": "ddim_inversion",
-              "trainer": {"max_steps": 5, "checkpoint_every": 2}}
+RUN_CONFIG = {
+    "seed": 3,
+    "prompt": "a red circle",
+    "experiment_name": "unit_sweep",
+    "method": "ddim_inversion",
+    "trainer": {"max_steps": 5, "checkpoint_every": 2},
+}
 
 
 # ------------------------------------------------------------------------------ tests
@@ -187,13 +203,27 @@ def test_mode_resolution(offline_env, monkeypatch):
 
 
 def test_tags_from_overrides():
-    tags = override_tags(["experiment=sdi_2d", "seed=1", "+slurm=local", "hydra/launcher=submitit_local",
-                          "trainer.progress=false", "paths.output_root=/x", 'prompt="a red circle"', "cfg.scale=7.5",
-                          "logger.project=p", "trainer.device=cpu"],
-                         excluded={"+sweep", "trainer.device"})
+    tags = override_tags(
+        [
+            "experiment=sdi_2d",
+            "seed=1",
+            "+slurm=local",
+            "hydra/launcher=submitit_local",
+            "trainer.progress=false",
+            "paths.output_root=/x",
+            'prompt="a red circle"',
+            "cfg.scale=7.5",
+            "logger.project=p",
+            "trainer.device=cpu",
+        ],
+        excluded={"+sweep", "trainer.device"},
+    )
     assert tags == ["experiment=sdi_2d", "seed=1", "prompt=a red circle", "cfg.scale=7.5"]
     assert split_run_name("experiment=sdi_2d,seed=1,trainer.betas=[0.9,0.99]") == [
-        "experiment=sdi_2d", "seed=1", "trainer.betas=[0.9,0.99]"]
+        "experiment=sdi_2d",
+        "seed=1",
+        "trainer.betas=[0.9,0.99]",
+    ]
     assert split_run_name("default") == []
 
 
@@ -293,8 +323,13 @@ def test_resume_continues_the_same_run_id(offline_env):
     assert b.scalars("loss") == [(2, 12.0), (3, 13.0), (4, 14.0)]
     assert b.summary["status"] == "finished"
     # the sync command for both pieces goes to the same W&B run
-    dry = subprocess.run([sys.executable, "-m", "wandb", "sync", "--dry-run", *map(str, runs)],
-                         capture_output=True, text=True, timeout=120, env=child_env())
+    dry = subprocess.run(
+        [sys.executable, "-m", "wandb", "sync", "--dry-run", *map(str, runs)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=child_env(),
+    )
     assert dry.returncode == 0, dry.stderr
     assert dry.stdout.count(run_id) + dry.stderr.count(run_id) >= 2
 
@@ -328,8 +363,15 @@ def test_logger_config_builds_from_the_project_yaml(offline_env):
 
 
 def _train(root: Path, env: dict, *overrides: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, str(REPO / "train.py"), "experiment=sdi_2d", "logger=wandb", "trainer.progress=false",
-           f"paths.output_root={root}", *overrides]
+    cmd = [
+        sys.executable,
+        str(REPO / "train.py"),
+        "experiment=sdi_2d",
+        "logger=wandb",
+        "trainer.progress=false",
+        f"paths.output_root={root}",
+        *overrides,
+    ]
     return subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=600)
 
 
@@ -399,7 +441,8 @@ def test_dead_wandb_core_never_breaks_training(offline_env):
     script = offline_env / "dead_core.py"
     script.write_text(DEAD_CORE_SCRIPT)
     env = child_env()
-    r = subprocess.run([sys.executable, str(script), str(offline_env / "run")], capture_output=True, text=True,
-                       timeout=300, env=env)
+    r = subprocess.run(
+        [sys.executable, str(script), str(offline_env / "run")], capture_output=True, text=True, timeout=300, env=env
+    )
     assert "SYSTEMEXIT -1" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
     assert "W&B logging is off" in r.stdout

@@ -38,7 +38,7 @@ def write_clip_tokenizer_files(out_dir: Path | str) -> tuple[Path, Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     with gzip.open(default_bpe(), "rt", encoding="utf-8") as f:
         lines = f.read().split("\n")
-    merges = lines[1:49152 - 256 - 2 + 1]  # as open_clip's SimpleTokenizer and OpenAI's CLIP
+    merges = lines[1 : 49152 - 256 - 2 + 1]  # as open_clip's SimpleTokenizer and OpenAI's CLIP
     vocab = list(bytes_to_unicode().values())
     vocab = vocab + [v + "</w>" for v in vocab]
     vocab += ["".join(m.split()) for m in merges]
@@ -60,18 +60,32 @@ def build_tiny_clip(out_dir: Path | str, seed: int = 2, image_size: int = IMAGE_
     vocab_path, merges_path = write_clip_tokenizer_files(tok_dir)
     tokenizer = CLIPTokenizer(vocab=str(vocab_path), merges=str(merges_path), model_max_length=MAX_LENGTH)
     config = CLIPConfig(
-        text_config=dict(vocab_size=VOCAB_SIZE, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=2, max_position_embeddings=MAX_LENGTH,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id),
-        vision_config=dict(image_size=image_size, patch_size=8, hidden_size=32, intermediate_size=64,
-                           num_hidden_layers=2, num_attention_heads=2),
+        text_config=dict(
+            vocab_size=VOCAB_SIZE,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            max_position_embeddings=MAX_LENGTH,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        ),
+        vision_config=dict(
+            image_size=image_size,
+            patch_size=8,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+        ),
         projection_dim=16,
     )
     torch.manual_seed(seed)
     model = CLIPModel(config).eval()
-    image_processor = CLIPImageProcessor(size={"shortest_edge": image_size},
-                                         crop_size={"height": image_size, "width": image_size})
+    image_processor = CLIPImageProcessor(
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
+    )
     processor = CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer)
     model.save_pretrained(out_dir)
     processor.save_pretrained(out_dir)

@@ -31,7 +31,9 @@ def prompt_from_list(name: str, index: int) -> str:
         raise ValueError(f"prompt list {name!r} not found: expected {path}")
     prompts = [ln.strip() for ln in path.read_text().splitlines() if ln.strip()]
     if not 0 <= int(index) < len(prompts):
-        raise ValueError(f"prompt_id={index} is out of range for {name} ({len(prompts)} prompts: 0..{len(prompts) - 1})")
+        raise ValueError(
+            f"prompt_id={index} is out of range for {name} ({len(prompts)} prompts: 0..{len(prompts) - 1})"
+        )
     return prompts[int(index)]
 
 
@@ -78,6 +80,11 @@ def run_job(cfg: DictConfig) -> float | None:
             raise
         log.error("job failed (recorded in its metrics.json); the sweep continues:\n%s", traceback.format_exc())
         return None
-    log.info("status=%s steps=%s seconds=%.1f -> %s", metrics.get("status"), metrics.get("steps"),
-             metrics.get("seconds", 0.0), cfg.paths.run_dir)
+    log.info(
+        "status=%s steps=%s seconds=%.1f -> %s",
+        metrics.get("status"),
+        metrics.get("steps"),
+        metrics.get("seconds", 0.0),
+        cfg.paths.run_dir,
+    )
     return metrics.get("loss")

@@ -15,8 +15,8 @@ i.e. the DDPM posterior variance between the two grid points.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import Tensor
@@ -104,8 +104,14 @@ def alpha_bar_at(alphas_cumprod: Tensor, level: int) -> Tensor:
 
 
 @torch.no_grad()
-def ddim_invert(x0: Tensor, t: int, eps_fn: EpsFn, alphas_cumprod: Tensor, cfg: InversionConfig,
-                generator: torch.Generator | None = None) -> tuple[Tensor, int, int]:
+def ddim_invert(
+    x0: Tensor,
+    t: int,
+    eps_fn: EpsFn,
+    alphas_cumprod: Tensor,
+    cfg: InversionConfig,
+    generator: torch.Generator | None = None,
+) -> tuple[Tensor, int, int]:
     """Invert x0 to noise level t (+ delta) with DDIM; returns (x_inverted, level, model_calls)."""
     T = alphas_cumprod.shape[0]
     delta = 0
@@ -126,9 +132,15 @@ def ddim_invert(x0: Tensor, t: int, eps_fn: EpsFn, alphas_cumprod: Tensor, cfg: 
 
 
 @torch.no_grad()
-def ddim_sample(x_T: Tensor, eps_fn: EpsFn, alphas_cumprod: Tensor, n_steps: int = 50,
-                t_start: int | None = None, eta: float = 0.0,
-                generator: torch.Generator | None = None) -> Tensor:
+def ddim_sample(
+    x_T: Tensor,
+    eps_fn: EpsFn,
+    alphas_cumprod: Tensor,
+    n_steps: int = 50,
+    t_start: int | None = None,
+    eta: float = 0.0,
+    generator: torch.Generator | None = None,
+) -> Tensor:
     """DDIM sampling from x at level t_start (default T-1) down to x0 on a uniform grid."""
     T = alphas_cumprod.shape[0]
     t_start = T - 1 if t_start is None else t_start

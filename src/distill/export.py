@@ -32,9 +32,18 @@ def _to_uint8(img: torch.Tensor) -> np.ndarray:
 
 
 @torch.no_grad()
-def turntable_frames(scene, n_frames: int = 120, height: int = 256, width: int = 256, shading: str = "lambertian",
-                     elevation_deg: float = 15.0, distance: float = 2.0, fovy_deg: float = 70.0,
-                     with_normals: bool = True, progress: bool = True) -> list[np.ndarray]:
+def turntable_frames(
+    scene,
+    n_frames: int = 120,
+    height: int = 256,
+    width: int = 256,
+    shading: str = "lambertian",
+    elevation_deg: float = 15.0,
+    distance: float = 2.0,
+    fovy_deg: float = 70.0,
+    with_normals: bool = True,
+    progress: bool = True,
+) -> list[np.ndarray]:
     """Frames (H, W', 3) uint8 of an orbit; with_normals puts the normal map ((n+1)/2) beside rgb."""
     if n_frames <= 0:
         raise ValueError(f"n_frames={n_frames} must be a positive integer")
@@ -65,20 +74,31 @@ def write_video(frames: list[np.ndarray], path: str | Path, fps: int = 30) -> Pa
         raise ValueError(f"video path {str(path)!r} must end in .mp4 or .gif")
     h, w = frames[0].shape[:2]
     ph, pw = h % 2, w % 2
-    with imageio.get_writer(path, format="FFMPEG", mode="I", fps=fps, codec="libx264", pixelformat="yuv420p",
-                            macro_block_size=1, ffmpeg_log_level="error") as writer:
+    with imageio.get_writer(
+        path,
+        format="FFMPEG",
+        mode="I",
+        fps=fps,
+        codec="libx264",
+        pixelformat="yuv420p",
+        macro_block_size=1,
+        ffmpeg_log_level="error",
+    ) as writer:
         for f in frames:
             writer.append_data(np.pad(f, ((0, ph), (0, pw), (0, 0)), mode="edge") if (ph or pw) else f)
     return path
 
 
-def export_turntable(scene, out_dir: str | Path, name: str = "turntable", fps: int = 30, progress: bool = True,
-                     **frame_kwargs) -> dict[str, Path]:
+def export_turntable(
+    scene, out_dir: str | Path, name: str = "turntable", fps: int = 30, progress: bool = True, **frame_kwargs
+) -> dict[str, Path]:
     """Render an orbit (see :func:`turntable_frames`) and write ``name``.mp4 and ``name``.gif."""
     frames = turntable_frames(scene, progress=progress, **frame_kwargs)
     out_dir = Path(out_dir)
-    return {"mp4": write_video(frames, out_dir / f"{name}.mp4", fps),
-            "gif": write_video(frames, out_dir / f"{name}.gif", fps)}
+    return {
+        "mp4": write_video(frames, out_dir / f"{name}.mp4", fps),
+        "gif": write_video(frames, out_dir / f"{name}.gif", fps),
+    }
 
 
 @torch.no_grad()
@@ -106,9 +126,16 @@ def _marching_cubes(volume: np.ndarray, threshold: float) -> tuple[np.ndarray, n
 
 
 @torch.no_grad()
-def export_mesh(scene, out_dir: str | Path, name: str = "mesh", resolution: int = 128,
-                threshold: float | str = "auto", bound: float | None = None, chunk: int = 65536,
-                progress: bool = True) -> dict[str, Path]:
+def export_mesh(
+    scene,
+    out_dir: str | Path,
+    name: str = "mesh",
+    resolution: int = 128,
+    threshold: float | str = "auto",
+    bound: float | None = None,
+    chunk: int = 65536,
+    progress: bool = True,
+) -> dict[str, Path]:
     """Marching cubes at sigma = ``threshold``, vertex colours from albedo; writes ``name``.ply and
     ``name``.obj. ``threshold="auto"`` is threestudio's rule: the mean of sigma over the grid
     vertices where sigma > 1e-5. Raises EmptyMeshError if there is no surface."""
@@ -124,8 +151,10 @@ def export_mesh(scene, out_dir: str | Path, name: str = "mesh", resolution: int 
     elif isinstance(threshold, str):
         raise ValueError(f"threshold={threshold!r} must be a number or 'auto'")
     if not (vol.min() < threshold < vol.max()):
-        raise EmptyMeshError(f"no surface at density threshold {threshold}: the density ranges over "
-                             f"[{vol.min():.4g}, {vol.max():.4g}] on the {resolution}^3 grid")
+        raise EmptyMeshError(
+            f"no surface at density threshold {threshold}: the density ranges over "
+            f"[{vol.min():.4g}, {vol.max():.4g}] on the {resolution}^3 grid"
+        )
     verts, faces = _marching_cubes(vol, threshold)
     verts = verts * (2 * bound / (resolution - 1)) - bound
     param = next(scene.parameters())
@@ -143,9 +172,17 @@ def export_mesh(scene, out_dir: str | Path, name: str = "mesh", resolution: int 
     return paths
 
 
-def export_all(scene, run_dir: str | Path, camera: Any = None, logger: Any = None, step: int = 0,
-               n_frames: int = 120, mesh_resolution: int = 128, mesh_threshold: float | str = "auto",
-               progress: bool = False) -> dict[str, Any]:
+def export_all(
+    scene,
+    run_dir: str | Path,
+    camera: Any = None,
+    logger: Any = None,
+    step: int = 0,
+    n_frames: int = 120,
+    mesh_resolution: int = 128,
+    mesh_threshold: float | str = "auto",
+    progress: bool = False,
+) -> dict[str, Any]:
     """Turntable (at the training camera's height x width, ``n_frames`` views) and mesh into
     ``run_dir/export``; logs the video with ``logger.log_video``. Returns entries for metrics.json:
     paths relative to run_dir, ``mesh_vertices`` / ``mesh_faces``, or ``mesh_error`` when the
@@ -155,8 +192,10 @@ def export_all(scene, run_dir: str | Path, camera: Any = None, logger: Any = Non
     h, w = (int(camera.height), int(camera.width)) if camera is not None else (256, 256)
     shading = "albedo" if getattr(getattr(scene, "cfg", None), "shading", None) == "albedo" else "lambertian"
     video = export_turntable(scene, out_dir, n_frames=n_frames, height=h, width=w, shading=shading, progress=progress)
-    result: dict[str, Any] = {"turntable_mp4": str(video["mp4"].relative_to(run_dir)),
-                              "turntable_gif": str(video["gif"].relative_to(run_dir))}
+    result: dict[str, Any] = {
+        "turntable_mp4": str(video["mp4"].relative_to(run_dir)),
+        "turntable_gif": str(video["gif"].relative_to(run_dir)),
+    }
     if logger is not None:
         logger.log_video("turntable", video["mp4"], step)
     try:
@@ -167,6 +206,10 @@ def export_all(scene, run_dir: str | Path, camera: Any = None, logger: Any = Non
     import trimesh
 
     m = trimesh.load(mesh["ply"], process=False)
-    result.update(mesh_ply=str(mesh["ply"].relative_to(run_dir)), mesh_obj=str(mesh["obj"].relative_to(run_dir)),
-                  mesh_vertices=int(len(m.vertices)), mesh_faces=int(len(m.faces)))
+    result.update(
+        mesh_ply=str(mesh["ply"].relative_to(run_dir)),
+        mesh_obj=str(mesh["obj"].relative_to(run_dir)),
+        mesh_vertices=int(len(m.vertices)),
+        mesh_faces=int(len(m.faces)),
+    )
     return result

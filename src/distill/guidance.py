@@ -57,8 +57,9 @@ def perpendicular_component(x: Tensor, y: Tensor) -> Tensor:
     return x - coef * y
 
 
-def guided_eps(prior: DiffusionPrior, x_t: Tensor, t: Tensor, cond: Conditioning, scale: float,
-               rule: str = "standard") -> Tensor:
+def guided_eps(
+    prior: DiffusionPrior, x_t: Tensor, t: Tensor, cond: Conditioning, scale: float, rule: str = "standard"
+) -> Tensor:
     """Classifier-free guidance (and Perp-Neg when ``cond`` has negatives) in one batched call.
 
     Rows are stacked [cond (B); uncond (B); neg_1 (B); ...], so row r belongs to view r % B.
@@ -74,7 +75,7 @@ def guided_eps(prior: DiffusionPrior, x_t: Tensor, t: Tensor, cond: Conditioning
     blocks = [cond.cond, cond.uncond] + (list(cond.negatives) if perp else [])
     n = len(blocks)
     out = prior.eps(x_t.repeat(n, *([1] * (x_t.dim() - 1))), t.repeat(n), torch.cat(blocks), cameras=cond.cameras)
-    eps_c, eps_u = out[:B], out[B:2 * B]
+    eps_c, eps_u = out[:B], out[B : 2 * B]
     if not perp:
         if rule == "threestudio":
             return eps_c + scale * (eps_c - eps_u)
@@ -82,7 +83,7 @@ def guided_eps(prior: DiffusionPrior, x_t: Tensor, t: Tensor, cond: Conditioning
     e_pos = eps_c - eps_u
     acc = torch.zeros_like(e_pos)
     for i in range(n - 2):
-        e_neg = out[(2 + i) * B:(3 + i) * B] - eps_u
+        e_neg = out[(2 + i) * B : (3 + i) * B] - eps_u
         w = cond.neg_weights[:, i].to(e_pos.dtype).view(-1, *([1] * (e_pos.dim() - 1)))
         acc = acc + w * perpendicular_component(e_neg, e_pos)
     return eps_u + scale * (e_pos + acc)
@@ -104,8 +105,14 @@ class GuidanceOutput:
 class ScoreDistillation:
     """The SDS / SDI step on a batch of encoded renders x0 (requires grad)."""
 
-    def __init__(self, prior: DiffusionPrior, kappa: KappaStrategy, schedule: TimeSchedule,
-                 cfg: GuidanceConfig, cfg_pair: CFGConfig):
+    def __init__(
+        self,
+        prior: DiffusionPrior,
+        kappa: KappaStrategy,
+        schedule: TimeSchedule,
+        cfg: GuidanceConfig,
+        cfg_pair: CFGConfig,
+    ):
         cfg.validate()
         self.prior, self.kappa, self.schedule, self.cfg, self.cfg_pair = prior, kappa, schedule, cfg, cfg_pair
 
@@ -113,8 +120,9 @@ class ScoreDistillation:
         """x, t -> guided eps at a fixed conditioning and scale (for inversion and samplers)."""
         return lambda x, t: guided_eps(self.prior, x, t, cond, scale, self.cfg.cfg_rule)
 
-    def step(self, x0: Tensor, cond: Conditioning, step: int, max_steps: int,
-             generator: torch.Generator | None = None) -> GuidanceOutput:
+    def step(
+        self, x0: Tensor, cond: Conditioning, step: int, max_steps: int, generator: torch.Generator | None = None
+    ) -> GuidanceOutput:
         B = x0.shape[0]
         t = self.schedule(step, max_steps, generator)
         ab = self.prior.alphas_cumprod
@@ -127,5 +135,8 @@ class ScoreDistillation:
         stats = {"t": t, "level": k.level, "grad_norm": float((x0.detach() - x0_hat).norm())}
         if self.cfg.residual_every and step % self.cfg.residual_every == 0:
             from distill.kappa import eq44_residual
-            stats["kappa_residual"] = float(eq44_residual(x0.detach(), k.kappa, t, self.eps_fn(cond, self.cfg_pair.inv), ab))
+
+            stats["kappa_residual"] = float(
+                eq44_residual(x0.detach(), k.kappa, t, self.eps_fn(cond, self.cfg_pair.inv), ab)
+            )
         return GuidanceOutput(loss, t, k.level, k.x_t, k.kappa, eps_hat, x0_hat, k.model_calls + 1, stats)

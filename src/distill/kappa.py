@@ -69,8 +69,9 @@ class KappaStrategy:
         self.cfg = cfg
         self.inversion = inversion or InversionConfig()
 
-    def __call__(self, x0: Tensor, t: int, eps_inv: EpsFn, alphas_cumprod: Tensor,
-                 generator: torch.Generator | None = None) -> KappaResult:
+    def __call__(
+        self, x0: Tensor, t: int, eps_inv: EpsFn, alphas_cumprod: Tensor, generator: torch.Generator | None = None
+    ) -> KappaResult:
         raise NotImplementedError
 
     def state_dict(self) -> dict:

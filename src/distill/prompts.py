@@ -84,18 +84,18 @@ def _decay(abc: tuple[float, float, float], r: float) -> float:
     return a * math.exp(-b * r) + c
 
 
-def perp_neg_rows(cfg: PromptConfig, direction: int, azimuth: float) -> tuple[list[tuple[int, float]], list[int], list[float]]:
+def perp_neg_rows(
+    cfg: PromptConfig, direction: int, azimuth: float
+) -> tuple[list[tuple[int, float]], list[int], list[float]]:
     """For one view: positive embedding as [(direction, coefficient)], negative directions, weights."""
     if direction == 3:  # overhead: plain positive, two dummy negatives with weight 0
         return [(3, 1.0)], [-1, -1], [0.0, 0.0]
     azi = (azimuth + 180.0) % 360.0 - 180.0
     if abs(azi) < 90:  # front-side interpolation: r = 1 is fully front
         r = 1.0 - abs(azi) / 90.0
-        return ([(1, r), (0, 1.0 - r)], [1, 0],
-                [-_decay(cfg.perp_neg_f_fs, r), -_decay(cfg.perp_neg_f_sf, 1.0 - r)])
+        return ([(1, r), (0, 1.0 - r)], [1, 0], [-_decay(cfg.perp_neg_f_fs, r), -_decay(cfg.perp_neg_f_sf, 1.0 - r)])
     r = 2.0 - abs(azi) / 90.0  # side-back interpolation: r = 1 is fully side
-    return ([(0, r), (2, 1.0 - r)], [0, 1],
-            [-_decay(cfg.perp_neg_f_sb, r), -_decay(cfg.perp_neg_f_fsb, r)])
+    return ([(0, r), (2, 1.0 - r)], [0, 1], [-_decay(cfg.perp_neg_f_sb, r), -_decay(cfg.perp_neg_f_fsb, r)])
 
 
 class PromptProcessor:
@@ -121,8 +121,11 @@ class PromptProcessor:
     def __call__(self, cameras: Cameras | None, batch_size: int = 1) -> Conditioning:
         if cameras is None or not self.cfg.view_dependent:
             B = batch_size if cameras is None else len(cameras)
-            return Conditioning(self.text.expand(B, *self.text.shape[1:]),
-                                self.uncond.expand(B, *self.uncond.shape[1:]), cameras=cameras)
+            return Conditioning(
+                self.text.expand(B, *self.text.shape[1:]),
+                self.uncond.expand(B, *self.uncond.shape[1:]),
+                cameras=cameras,
+            )
         dirs = direction_index(self.cfg, cameras.elevation.cpu(), cameras.azimuth.cpu())
         B = len(cameras)
         uncond = self.uncond.expand(B, *self.uncond.shape[1:])

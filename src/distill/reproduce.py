@@ -41,8 +41,14 @@ def fig2_1(out: Path, seeds: int, steps: int, prompt: str) -> None:
         "SDS, CFG 100": ["guidance=sds", "cfg=sds_high"],
         "SDI, CFG 7.5 / -7.5": ["guidance=ddim_inversion", "cfg=sdi"],
     }
-    base = ["experiment=sdi_2d", f"prompt={prompt}", f"trainer.max_steps={steps}", "logger=none",
-            "trainer.progress=false", "trainer.image_every=0"]
+    base = [
+        "experiment=sdi_2d",
+        f"prompt={prompt}",
+        f"trainer.max_steps={steps}",
+        "logger=none",
+        "trainer.progress=false",
+        "trainer.image_every=0",
+    ]
     rows, images = [], {}
     prior = build(_compose(base).prior, "prior")
     cond = PromptProcessor(PromptConfig(prompt=prompt, view_dependent=False, perp_neg=False), prior)(None, 1)
@@ -50,8 +56,12 @@ def fig2_1(out: Path, seeds: int, steps: int, prompt: str) -> None:
     for s in range(seeds):
         g = torch.Generator().manual_seed(s)
         n = prior.cfg.image_size
-        x = ddim_sample(torch.randn(1, 3, n, n, generator=g, dtype=torch.float64),
-                        lambda x, t: guided_eps(prior, x, t, cond, 7.5), prior.alphas_cumprod, 50)
+        x = ddim_sample(
+            torch.randn(1, 3, n, n, generator=g, dtype=torch.float64),
+            lambda x, t: guided_eps(prior, x, t, cond, 7.5),
+            prior.alphas_cumprod,
+            50,
+        )
         m = prior.image_metrics(x, prompt)
         rows.append({"method": "DDIM sampling, CFG 7.5 (50 steps)", "seed": s, **m})
         images["DDIM sampling, CFG 7.5 (50 steps)"].append(_png(prior.decode(x)))
@@ -71,13 +81,20 @@ def fig2_1(out: Path, seeds: int, steps: int, prompt: str) -> None:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
-    lines = [f"Prompt `{prompt}`, {seeds} seeds, {steps} steps (rows of fig2_1.png, top to bottom). "
-             "Realism = band energy of x - mu_k over its expected value (1 = a true sample, 0 = the mean).", "",
-             "| Method | " + " | ".join(METRICS) + " |", "|---" * (len(METRICS) + 1) + "|"]
+    lines = [
+        f"Prompt `{prompt}`, {seeds} seeds, {steps} steps (rows of fig2_1.png, top to bottom). "
+        "Realism = band energy of x - mu_k over its expected value (1 = a true sample, 0 = the mean).",
+        "",
+        "| Method | " + " | ".join(METRICS) + " |",
+        "|---" * (len(METRICS) + 1) + "|",
+    ]
     for label in images:
         vals = [[r[k] for r in rows if r["method"] == label] for k in METRICS]
-        lines.append(f"| {label} | " + " | ".join(f"{statistics.median(v):.3f} (median; {min(v):.3f}..{max(v):.3f})"
-                                                   for v in vals) + " |")
+        lines.append(
+            f"| {label} | "
+            + " | ".join(f"{statistics.median(v):.3f} (median; {min(v):.3f}..{max(v):.3f})" for v in vals)
+            + " |"
+        )
     (out / "fig2_1.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
@@ -105,8 +122,18 @@ def kappa_study(out: Path, samples: int, prompt: str) -> None:
     for t in ts:
         for name in STRATEGIES:
             k = make_kappa(KappaConfig(name), InversionConfig(eta=0.0, random_delta=False))
-            vals = [float(eq44_residual(x0s[i:i + 1], k(x0s[i:i + 1], t, eps_inv, prior.alphas_cumprod, g).kappa, t,
-                                        eps_inv, prior.alphas_cumprod)) for i in range(samples)]
+            vals = [
+                float(
+                    eq44_residual(
+                        x0s[i : i + 1],
+                        k(x0s[i : i + 1], t, eps_inv, prior.alphas_cumprod, g).kappa,
+                        t,
+                        eps_inv,
+                        prior.alphas_cumprod,
+                    )
+                )
+                for i in range(samples)
+            ]
             res[name].append(statistics.mean(vals))
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "kappa_study.csv", "w", newline="") as f:

@@ -1,11 +1,11 @@
 """Run directories: the files a run leaves behind and how to read them back.
 
-    <run>/config.yaml          resolved config
-    <run>/metrics.json         status (running|finished|diverged|failed), steps, seconds,
-                               peak_memory_mb, diverged, diverged_reason, ground-truth metrics
-    <run>/checkpoints/last.pt  scene, optimiser, RNG and kappa state, step
-    <run>/images/              intermediate renders; final.png, strip.png; turntable.mp4, mesh.ply (3D)
-    <run>/scalars.csv          logged scalars (csv logger); wandb_id.txt (wandb logger)
+<run>/config.yaml          resolved config
+<run>/metrics.json         status (running|finished|diverged|failed), steps, seconds,
+                           peak_memory_mb, diverged, diverged_reason, ground-truth metrics
+<run>/checkpoints/last.pt  scene, optimiser, RNG and kappa state, step
+<run>/images/              intermediate renders; final.png, strip.png; turntable.mp4, mesh.ply (3D)
+<run>/scalars.csv          logged scalars (csv logger); wandb_id.txt (wandb logger)
 """
 
 from __future__ import annotations
@@ -32,8 +32,9 @@ def is_run_dir(path: Path) -> bool:
 def require_run_dir(path: Path) -> Path:
     path = Path(path)
     if not is_run_dir(path):
-        raise NotARunError(f"{path} is not a run directory: expected {CONFIG} (and {METRICS}, {CHECKPOINT}) "
-                           f"written by train.py")
+        raise NotARunError(
+            f"{path} is not a run directory: expected {CONFIG} (and {METRICS}, {CHECKPOINT}) written by train.py"
+        )
     return path
 
 

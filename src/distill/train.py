@@ -133,8 +133,13 @@ class Trainer:
         self.scene = build(cfg.scene, "scene").to(self.device)
         self.prompts = PromptProcessor(spec.prompt, self.prior)
         self.kappa = make_kappa(spec.kappa, spec.inversion)
-        self.guidance = ScoreDistillation(self.prior, self.kappa, TimeSchedule(spec.schedule, self.prior.num_train_timesteps),
-                                          spec.guidance, spec.cfg_pair)
+        self.guidance = ScoreDistillation(
+            self.prior,
+            self.kappa,
+            TimeSchedule(spec.schedule, self.prior.num_train_timesteps),
+            spec.guidance,
+            spec.cfg_pair,
+        )
         self.optimizer = make_optimizer(spec, self.scene)
         self.is_3d = hasattr(self.scene, "density")
         self.step = 0
@@ -181,11 +186,18 @@ class Trainer:
 
     def base_metrics(self) -> dict[str, Any]:
         return {
-            "status": "running", "steps": self.step, "max_steps": self.spec.trainer.max_steps,
-            "seconds": self.seconds_before + (time.time() - self.t_start), "peak_memory_mb": peak_memory_mb(self.device),
-            "diverged": False, "diverged_reason": None, "resumed_from_step": self.resumed_from,
-            "method": self.cfg.get("method", self.spec.guidance.name), "prompt": self.spec.prompt_text,
-            "seed": self.spec.seed, "device": str(self.device),
+            "status": "running",
+            "steps": self.step,
+            "max_steps": self.spec.trainer.max_steps,
+            "seconds": self.seconds_before + (time.time() - self.t_start),
+            "peak_memory_mb": peak_memory_mb(self.device),
+            "diverged": False,
+            "diverged_reason": None,
+            "resumed_from_step": self.resumed_from,
+            "method": self.cfg.get("method", self.spec.guidance.name),
+            "prompt": self.spec.prompt_text,
+            "seed": self.spec.seed,
+            "device": str(self.device),
         }
 
     # ----- the loop ------------------------------------------------------------------------------
@@ -206,8 +218,13 @@ class Trainer:
         metrics = self.base_metrics()
         rundir.write_metrics(self.run_dir, metrics)
         diverged = None
-        bar = tqdm(total=tr.max_steps, initial=self.step, disable=not tr.progress, desc=str(self.spec.guidance.name),
-                   dynamic_ncols=True)
+        bar = tqdm(
+            total=tr.max_steps,
+            initial=self.step,
+            disable=not tr.progress,
+            desc=str(self.spec.guidance.name),
+            dynamic_ncols=True,
+        )
         try:
             while self.step < tr.max_steps:
                 diverged = self.train_step(logger, bar)
@@ -265,8 +282,14 @@ class Trainer:
         if not all(torch.isfinite(p).all() for p in self.scene.parameters()):
             return "nan"
         if tr.log_every and self.step % tr.log_every == 0:
-            values = {"loss": float(loss.detach()), "loss_sd": float(g.loss.detach()), "t": g.t, "level": g.level,
-                      "grad_norm": g.stats["grad_norm"], "model_calls": g.model_calls}
+            values = {
+                "loss": float(loss.detach()),
+                "loss_sd": float(g.loss.detach()),
+                "t": g.t,
+                "level": g.level,
+                "grad_norm": g.stats["grad_norm"],
+                "model_calls": g.model_calls,
+            }
             values.update({f"reg/{k}": float(v.detach()) for k, v in regs.items()})
             if "kappa_residual" in g.stats:
                 values["kappa_residual"] = g.stats["kappa_residual"]

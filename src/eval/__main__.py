@@ -14,8 +14,8 @@ from __future__ import annotations
 import argparse
 import sys
 import traceback
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from eval.runs import EvalError, find_runs
 
@@ -28,18 +28,34 @@ def _add_render_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--resolution", type=int, default=512, help="height = width of each view (default 512)")
     g.add_argument("--elevation", type=float, default=None, help="orbit elevation in degrees (default: orbit_cameras')")
     g.add_argument("--distance", type=float, default=None, help="camera distance (default: orbit_cameras')")
-    g.add_argument("--fovy", type=float, default=None, help="vertical field of view in degrees (default: orbit_cameras')")
+    g.add_argument(
+        "--fovy", type=float, default=None, help="vertical field of view in degrees (default: orbit_cameras')"
+    )
     g.add_argument("--render-batch", type=int, default=4, help="views rendered per batch (default 4)")
-    g.add_argument("--shading", default="auto",
-                   help="shading passed to scene.render: auto (lambertian with the light at the camera, as "
-                        "threestudio's test renders; albedo for albedo-only runs), albedo, lambertian, "
-                        "textureless, or none (the scene's default)")
-    g.add_argument("--empty-opacity", type=float, default=EMPTY_OPACITY_THRESHOLD,
-                   help=f"a view is empty below this mean opacity (default {EMPTY_OPACITY_THRESHOLD})")
-    g.add_argument("--empty-fraction", type=float, default=EMPTY_VIEW_FRACTION,
-                   help=f"a volume is empty when more than this fraction of views is empty (default {EMPTY_VIEW_FRACTION})")
-    g.add_argument("--any-status", action="store_true",
-                   help="also render runs that are not finished (running / diverged / missing metrics.json)")
+    g.add_argument(
+        "--shading",
+        default="auto",
+        help="shading passed to scene.render: auto (lambertian with the light at the camera, as "
+        "threestudio's test renders; albedo for albedo-only runs), albedo, lambertian, "
+        "textureless, or none (the scene's default)",
+    )
+    g.add_argument(
+        "--empty-opacity",
+        type=float,
+        default=EMPTY_OPACITY_THRESHOLD,
+        help=f"a view is empty below this mean opacity (default {EMPTY_OPACITY_THRESHOLD})",
+    )
+    g.add_argument(
+        "--empty-fraction",
+        type=float,
+        default=EMPTY_VIEW_FRACTION,
+        help=f"a volume is empty when more than this fraction of views is empty (default {EMPTY_VIEW_FRACTION})",
+    )
+    g.add_argument(
+        "--any-status",
+        action="store_true",
+        help="also render runs that are not finished (running / diverged / missing metrics.json)",
+    )
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -53,9 +69,12 @@ def _add_score_options(p: argparse.ArgumentParser) -> None:
     from eval.runs import DEFAULT_CLIP_MODEL
 
     g = p.add_argument_group("scoring")
-    g.add_argument("--clip-model", default=DEFAULT_CLIP_MODEL,
-                   help=f"HF hub id (local cache only), a local directory, or open_clip:ARCH:CHECKPOINT "
-                        f"(default {DEFAULT_CLIP_MODEL})")
+    g.add_argument(
+        "--clip-model",
+        default=DEFAULT_CLIP_MODEL,
+        help=f"HF hub id (local cache only), a local directory, or open_clip:ARCH:CHECKPOINT "
+        f"(default {DEFAULT_CLIP_MODEL})",
+    )
     g.add_argument("--allow-download", action="store_true", help="let transformers download the model if absent")
     g.add_argument("--batch-size", type=int, default=16, help="views per CLIP-IQA batch (default 16)")
     g.add_argument("--no-render", action="store_true", help="do not render runs whose views are missing")
@@ -64,8 +83,9 @@ def _add_score_options(p: argparse.ArgumentParser) -> None:
 def _add_table_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("table")
     g.add_argument("--out", type=Path, default=None, help="output directory (default PATH/eval)")
-    g.add_argument("--prompts", type=Path, default=None,
-                   help="prompt file (one per line): list prompts with no run in each method")
+    g.add_argument(
+        "--prompts", type=Path, default=None, help="prompt file (one per line): list prompts with no run in each method"
+    )
     g.add_argument("--no-paper", action="store_true", help="leave out the paper's Table 6.1 rows")
     g.add_argument("--wandb", action="store_true", help="also log the tables to W&B (offline without a key)")
     g.add_argument("--wandb-project", default="sdi-lab")
@@ -74,8 +94,11 @@ def _add_table_options(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m eval", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m eval",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("render", help="render N orbit views of finished runs -> <run>/eval/views, render.json")
     _add_common(p)
@@ -98,9 +121,17 @@ def build_parser() -> argparse.ArgumentParser:
 def _render_opts(args: argparse.Namespace):
     from eval.render import RenderOptions
 
-    opts = RenderOptions(n_views=args.views, resolution=args.resolution, elevation_deg=args.elevation,
-                         distance=args.distance, fovy_deg=args.fovy, batch_size=args.render_batch,
-                         shading=args.shading, empty_opacity=args.empty_opacity, empty_fraction=args.empty_fraction)
+    opts = RenderOptions(
+        n_views=args.views,
+        resolution=args.resolution,
+        elevation_deg=args.elevation,
+        distance=args.distance,
+        fovy_deg=args.fovy,
+        batch_size=args.render_batch,
+        shading=args.shading,
+        empty_opacity=args.empty_opacity,
+        empty_fraction=args.empty_fraction,
+    )
     opts.validate()
     return opts
 
@@ -128,8 +159,9 @@ def cmd_render(args: argparse.Namespace) -> int:
     results, failures = [], []
     for run in runs:
         try:
-            r = render_run(run, opts, device=device, overwrite=args.overwrite, any_status=args.any_status,
-                           progress=not args.quiet)
+            r = render_run(
+                run, opts, device=device, overwrite=args.overwrite, any_status=args.any_status, progress=not args.quiet
+            )
             results.append(r)
             print(f"  {r.status:10s} {run}: {r.message}")
         except EvalError as e:
@@ -153,9 +185,17 @@ def cmd_score(args: argparse.Namespace) -> int:
     results, failures = [], []
     for run in runs:
         try:
-            r = score_run(run, evaluator, batch_size=args.batch_size, overwrite=args.overwrite,
-                          render=not args.no_render, render_opts=opts, any_status=args.any_status, device=device,
-                          progress=not args.quiet)
+            r = score_run(
+                run,
+                evaluator,
+                batch_size=args.batch_size,
+                overwrite=args.overwrite,
+                render=not args.no_render,
+                render_opts=opts,
+                any_status=args.any_status,
+                device=device,
+                progress=not args.quiet,
+            )
             results.append(r)
             print(f"  {r.status:10s} {run}: {r.message}")
         except EvalError as e:
@@ -175,9 +215,17 @@ def cmd_table(args: argparse.Namespace) -> int:
     print(to_markdown(agg, paper=not args.no_paper))
     print("written: " + ", ".join(str(p) for p in files.values()))
     if args.wandb:
-        info = log_wandb(agg, project=args.wandb_project, name=args.wandb_name, out_dir=out,
-                         entity=args.wandb_entity, paper=not args.no_paper)
-        print(f"W&B ({info['mode']}): run {info['id']} in {info['dir']}" + (f" {info['url']}" if info.get("url") else ""))
+        info = log_wandb(
+            agg,
+            project=args.wandb_project,
+            name=args.wandb_name,
+            out_dir=out,
+            entity=args.wandb_entity,
+            paper=not args.no_paper,
+        )
+        print(
+            f"W&B ({info['mode']}): run {info['id']} in {info['dir']}" + (f" {info['url']}" if info.get("url") else "")
+        )
     return 0
 
 

@@ -30,15 +30,17 @@ from __future__ import annotations
 import contextlib
 import os
 import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from eval.runs import DEFAULT_CLIP_MODEL, EvalError
+
 OPEN_CLIP_PREFIX = "open_clip:"
 
 
@@ -47,18 +49,21 @@ class ClipModelNotFound(EvalError):
 
 
 def _looks_like_hub_id(spec: str) -> bool:
-    return (not os.path.isabs(spec) and not spec.startswith((".", "~")) and spec.count("/") == 1
-            and not Path(spec).exists())
+    return (
+        not os.path.isabs(spec) and not spec.startswith((".", "~")) and spec.count("/") == 1 and not Path(spec).exists()
+    )
 
 
 def _how_to_get(spec: str) -> str:
     hub_id = spec if _looks_like_hub_id(spec) else DEFAULT_CLIP_MODEL
     name = hub_id.rsplit("/", 1)[-1]
-    return (f"Get it on a machine with internet access:\n"
-            f"    huggingface-cli download {hub_id} --local-dir {name}\n"
-            f"(or `hf download {hub_id} --local-dir {name}`), copy that directory here and pass "
-            f"`--clip-model /path/to/{name}`, or populate the Hugging Face cache (HF_HOME) with it. "
-            f"The evaluator never downloads unless --allow-download is given.")
+    return (
+        f"Get it on a machine with internet access:\n"
+        f"    huggingface-cli download {hub_id} --local-dir {name}\n"
+        f"(or `hf download {hub_id} --local-dir {name}`), copy that directory here and pass "
+        f"`--clip-model /path/to/{name}`, or populate the Hugging Face cache (HF_HOME) with it. "
+        f"The evaluator never downloads unless --allow-download is given."
+    )
 
 
 def check_image_range(images: Sequence[Tensor] | Tensor, where: str = "CLIP processor") -> None:
@@ -66,12 +71,15 @@ def check_image_range(images: Sequence[Tensor] | Tensor, where: str = "CLIP proc
     items = [images] if isinstance(images, Tensor) else list(images)
     for img in items:
         if not torch.is_floating_point(img):
-            raise ValueError(f"{where}: expected float images in [0, 1], got dtype {img.dtype}; "
-                             f"convert uint8 with img.float() / 255")
+            raise ValueError(
+                f"{where}: expected float images in [0, 1], got dtype {img.dtype}; convert uint8 with img.float() / 255"
+            )
         lo, hi = float(img.min()), float(img.max())
         if lo < -1e-3 or hi > 1.0 + 1e-3 or hi != hi:
-            raise ValueError(f"{where}: expected images in [0, 1], got values in [{lo:.4g}, {hi:.4g}]"
-                             + (" (looks like [0, 255]; divide by 255 once)" if hi > 1.5 else ""))
+            raise ValueError(
+                f"{where}: expected images in [0, 1], got values in [{lo:.4g}, {hi:.4g}]"
+                + (" (looks like [0, 255]; divide by 255 once)" if hi > 1.5 else "")
+            )
 
 
 class _TruncationWarner:
@@ -82,9 +90,12 @@ class _TruncationWarner:
         if text in self.warned:
             return
         self.warned.add(text)
-        warnings.warn(f"prompt {text!r} has {n_tokens} tokens, more than the CLIP text encoder's limit of "
-                      f"{limit}: it is truncated to {limit} tokens (end-of-text token kept)", UserWarning,
-                      stacklevel=3)
+        warnings.warn(
+            f"prompt {text!r} has {n_tokens} tokens, more than the CLIP text encoder's limit of "
+            f"{limit}: it is truncated to {limit} tokens (end-of-text token kept)",
+            UserWarning,
+            stacklevel=3,
+        )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -124,8 +135,9 @@ class HFClipProcessor:
         self.max_length = int(max_length)
         self._warn = _TruncationWarner()
 
-    def __call__(self, text: Any = None, images: Any = None, return_tensors: str = "pt", padding: Any = True,
-                 **kwargs: Any) -> dict[str, Tensor]:
+    def __call__(
+        self, text: Any = None, images: Any = None, return_tensors: str = "pt", padding: Any = True, **kwargs: Any
+    ) -> dict[str, Tensor]:
         out: dict[str, Tensor] = {}
         if images is not None:
             imgs = [images] if isinstance(images, Tensor) and images.ndim == 3 else list(images)
@@ -172,12 +184,18 @@ def resize_center_crop(img: Tensor, size: int | tuple[int, int]) -> Tensor:
         img = F.interpolate(img[None], size=(nh, nw), mode="bicubic", align_corners=False, antialias=True)[0]
         img = img.clamp(0.0, 1.0)
     top, left = (nh - th) // 2, (nw - tw) // 2
-    return img[:, top:top + th, left:left + tw]
+    return img[:, top : top + th, left : left + tw]
 
 
 class OpenClipProcessor:
-    def __init__(self, tokenizer: Callable, image_size: int | tuple[int, int], mean: Sequence[float],
-                 std: Sequence[float], context_length: int):
+    def __init__(
+        self,
+        tokenizer: Callable,
+        image_size: int | tuple[int, int],
+        mean: Sequence[float],
+        std: Sequence[float],
+        context_length: int,
+    ):
         self.tokenizer = tokenizer
         self.image_size = image_size
         self.mean = torch.tensor(list(mean), dtype=torch.float32).view(3, 1, 1)
@@ -194,8 +212,9 @@ class OpenClipProcessor:
         except Exception:  # noqa: BLE001 - HF-backed tokenizers differ; no warning then
             return None
 
-    def __call__(self, text: Any = None, images: Any = None, return_tensors: str = "pt", padding: Any = True,
-                 **kwargs: Any) -> dict[str, Tensor]:
+    def __call__(
+        self, text: Any = None, images: Any = None, return_tensors: str = "pt", padding: Any = True, **kwargs: Any
+    ) -> dict[str, Tensor]:
         out: dict[str, Tensor] = {}
         if images is not None:
             imgs = [images] if isinstance(images, Tensor) and images.ndim == 3 else list(images)
@@ -253,12 +272,17 @@ class LoadedClip:
         return s + " (RANDOM WEIGHTS: numbers are meaningless)" if self.random_weights else s
 
     def as_dict(self) -> dict[str, Any]:
-        return {"spec": self.spec, "backend": self.backend, "source": self.source,
-                "random_weights": self.random_weights}
+        return {
+            "spec": self.spec,
+            "backend": self.backend,
+            "source": self.source,
+            "random_weights": self.random_weights,
+        }
 
 
-def load_clip(spec: str = DEFAULT_CLIP_MODEL, device: str | torch.device = "cpu",
-              allow_download: bool = False) -> LoadedClip:
+def load_clip(
+    spec: str = DEFAULT_CLIP_MODEL, device: str | torch.device = "cpu", allow_download: bool = False
+) -> LoadedClip:
     """Load ``spec`` (see module docstring) in eval mode on ``device``; never downloads by default."""
     spec = str(spec)
     if spec.startswith(OPEN_CLIP_PREFIX):
@@ -276,12 +300,16 @@ def _load_hf(spec: str, allow_download: bool) -> LoadedClip:
     is_dir = path.is_dir()
     if not is_dir and not _looks_like_hub_id(spec):
         what = "is a file, not a directory" if path.exists() else "does not exist"
-        raise ClipModelNotFound(f"CLIP model directory {spec} {what} (and it is not a hub id like "
-                                f"{DEFAULT_CLIP_MODEL}).\n{_how_to_get(spec)}")
+        raise ClipModelNotFound(
+            f"CLIP model directory {spec} {what} (and it is not a hub id like "
+            f"{DEFAULT_CLIP_MODEL}).\n{_how_to_get(spec)}"
+        )
     if is_dir and not (path / "config.json").is_file():
-        raise ClipModelNotFound(f"{spec} is a directory but holds no config.json, so it is not a saved CLIP model "
-                                f"(expected the files of save_pretrained / huggingface-cli download: config.json, "
-                                f"model.safetensors, tokenizer and preprocessor files).\n{_how_to_get(spec)}")
+        raise ClipModelNotFound(
+            f"{spec} is a directory but holds no config.json, so it is not a saved CLIP model "
+            f"(expected the files of save_pretrained / huggingface-cli download: config.json, "
+            f"model.safetensors, tokenizer and preprocessor files).\n{_how_to_get(spec)}"
+        )
     local_only = not allow_download or is_dir
     source = str(path.resolve()) if is_dir else spec
     try:
@@ -292,7 +320,8 @@ def _load_hf(spec: str, allow_download: bool) -> LoadedClip:
         raise ClipModelNotFound(
             f"cannot load CLIP model {spec!r} ({where}) "
             f"{'offline (local_files_only=True)' if local_only else ''}: {str(e).splitlines()[0] if str(e) else e!r}\n"
-            f"{_how_to_get(spec)}") from None
+            f"{_how_to_get(spec)}"
+        ) from None
     if not is_dir:
         try:
             from huggingface_hub import snapshot_download
@@ -311,7 +340,7 @@ def _load_open_clip(spec: str, allow_download: bool) -> LoadedClip:
         import open_clip
     except ImportError as e:  # pragma: no cover
         raise ClipModelNotFound(f"{spec}: open_clip is not installed (pip install open-clip-torch): {e}") from None
-    rest = spec[len(OPEN_CLIP_PREFIX):]
+    rest = spec[len(OPEN_CLIP_PREFIX) :]
     arch, _, pretrained = rest.partition(":")
     if not arch:
         raise ClipModelNotFound(f"{spec}: expected open_clip:<architecture>[:<checkpoint file | tag | none>]")
@@ -319,7 +348,8 @@ def _load_open_clip(spec: str, allow_download: bool) -> LoadedClip:
     if random_weights and pretrained == "":
         raise ClipModelNotFound(
             f"{spec}: name the weights, e.g. open_clip:{arch}:/path/to/open_clip_pytorch_model.bin, "
-            f"open_clip:{arch}:openai (tag, from the local cache), or open_clip:{arch}:none (random weights)")
+            f"open_clip:{arch}:openai (tag, from the local cache), or open_clip:{arch}:none (random weights)"
+        )
     if arch not in open_clip.list_models() and not arch.startswith(("hf-hub:", "local-dir:")):
         raise ClipModelNotFound(f"{spec}: unknown open_clip architecture {arch!r}; see open_clip.list_models()")
     offline = not random_weights and not allow_download and not os.path.isfile(pretrained)
@@ -331,7 +361,8 @@ def _load_open_clip(spec: str, allow_download: bool) -> LoadedClip:
             f"cannot load open_clip model {arch} with weights {pretrained!r}: {e}\n"
             f"Pass a local checkpoint file (open_clip:{arch}:/path/to/open_clip_pytorch_model.bin), downloaded "
             f"elsewhere with `huggingface-cli download` of the open_clip weights, or use the default HF model "
-            f"(--clip-model /path/to/clip-vit-base-patch16).") from None
+            f"(--clip-model /path/to/clip-vit-base-patch16)."
+        ) from None
     tokenizer = open_clip.get_tokenizer(arch)
     ctx = int(getattr(tokenizer, "context_length", None) or getattr(model, "context_length", 77) or 77)
     pp = open_clip.get_model_preprocess_cfg(model) if hasattr(open_clip, "get_model_preprocess_cfg") else {}
@@ -342,9 +373,21 @@ def _load_open_clip(spec: str, allow_download: bool) -> LoadedClip:
     if isinstance(size, (list, tuple)) and len(size) == 1:
         size = size[0]
     if random_weights:
-        warnings.warn(f"{spec}: open_clip model with RANDOM weights: scores are meaningless (smoke tests only)",
-                      UserWarning, stacklevel=2)
-    source = "random init" if random_weights else (str(Path(pretrained).resolve()) if os.path.isfile(pretrained)
-                                                   else f"tag {pretrained}")
-    return LoadedClip(OpenClipFeatures(model, ctx), OpenClipProcessor(tokenizer, size, mean, std, ctx), spec,
-                      "open_clip", source, random_weights)
+        warnings.warn(
+            f"{spec}: open_clip model with RANDOM weights: scores are meaningless (smoke tests only)",
+            UserWarning,
+            stacklevel=2,
+        )
+    source = (
+        "random init"
+        if random_weights
+        else (str(Path(pretrained).resolve()) if os.path.isfile(pretrained) else f"tag {pretrained}")
+    )
+    return LoadedClip(
+        OpenClipFeatures(model, ctx),
+        OpenClipProcessor(tokenizer, size, mean, std, ctx),
+        spec,
+        "open_clip",
+        source,
+        random_weights,
+    )

@@ -21,8 +21,9 @@ Run states used by ``table``:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 EMPTY_OPACITY_THRESHOLD = 0.01
 EMPTY_VIEW_FRACTION = 0.5
@@ -34,8 +35,11 @@ def empty_views(mean_opacity: Sequence[float], opacity_threshold: float = EMPTY_
     return [not (float(o) >= opacity_threshold) for o in mean_opacity]  # NaN opacity counts as empty
 
 
-def is_empty_volume(mean_opacity: Sequence[float] | None, opacity_threshold: float = EMPTY_OPACITY_THRESHOLD,
-                    fraction: float = EMPTY_VIEW_FRACTION) -> bool:
+def is_empty_volume(
+    mean_opacity: Sequence[float] | None,
+    opacity_threshold: float = EMPTY_OPACITY_THRESHOLD,
+    fraction: float = EMPTY_VIEW_FRACTION,
+) -> bool:
     """True when more than ``fraction`` of the views have mean opacity below ``opacity_threshold``.
 
     ``None`` or an empty list (a scene without opacity, e.g. the 2D image scene) is never empty.
@@ -56,8 +60,9 @@ class RunState:
         return self.state == "diverged"
 
 
-def classify(metrics: dict[str, Any] | None, render: dict[str, Any] | None = None,
-             metrics_error: str | None = None) -> RunState:
+def classify(
+    metrics: dict[str, Any] | None, render: dict[str, Any] | None = None, metrics_error: str | None = None
+) -> RunState:
     """The state of a run from its metrics.json (trainer) and eval/render.json (renderer)."""
     if metrics is None:
         if metrics_error:

@@ -16,7 +16,8 @@ rescaling again (see ``clip_models``).
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -55,8 +56,13 @@ def summary(values: Sequence[float]) -> dict[str, Any]:
 class ClipEvaluator:
     """CLIP score + CLIP-IQA with one CLIP model (loaded once, shared by both metrics)."""
 
-    def __init__(self, clip: LoadedClip | str = DEFAULT_CLIP_MODEL, device: str | torch.device = "cpu",
-                 iqa_prompts: dict[str, tuple[str, str]] | None = None, allow_download: bool = False):
+    def __init__(
+        self,
+        clip: LoadedClip | str = DEFAULT_CLIP_MODEL,
+        device: str | torch.device = "cpu",
+        iqa_prompts: dict[str, tuple[str, str]] | None = None,
+        allow_download: bool = False,
+    ):
         from torchmetrics.multimodal import CLIPImageQualityAssessment, CLIPScore
 
         self.device = torch.device(device)
@@ -109,7 +115,7 @@ class ClipEvaluator:
         clip_vals: list[float] = []
         iqa_vals: dict[str, list[float]] = {k: [] for k in self.iqa_prompts}
         for i in range(0, images.shape[0], batch_size):
-            chunk = images[i:i + batch_size]
+            chunk = images[i : i + batch_size]
             clip_vals += self.clip_scores(chunk, prompt).tolist()
             for k, v in self.iqa_scores(chunk).items():
                 iqa_vals[k] += v.tolist()

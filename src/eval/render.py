@@ -15,15 +15,25 @@ from __future__ import annotations
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
 from eval import divergence
-from eval.runs import (CHECKPOINT, CONTACT_SHEET, RENDER_JSON, VIEWS_DIR, EvalError, read_json, require_run_dir,
-                       view_paths, write_json)
+from eval.runs import (
+    CHECKPOINT,
+    CONTACT_SHEET,
+    RENDER_JSON,
+    VIEWS_DIR,
+    EvalError,
+    read_json,
+    require_run_dir,
+    view_paths,
+    write_json,
+)
 
 RENDER_VERSION = 1
 
@@ -110,7 +120,9 @@ def _default_load_scene(run_dir: Path, device: str):
     try:
         from distill.rundir import load_scene
     except ImportError as e:
-        raise EvalError(f"cannot import distill.rundir.load_scene ({e}); install the project (pip install -e .)") from None
+        raise EvalError(
+            f"cannot import distill.rundir.load_scene ({e}); install the project (pip install -e .)"
+        ) from None
     return load_scene(run_dir, device)
 
 
@@ -144,7 +156,7 @@ def contact_sheet(images: list[np.ndarray], columns: int = 10, thumb: int = 128,
     for k, t in enumerate(thumbs):
         r, c = divmod(k, cols)
         y, x = pad + r * (h + pad), pad + c * (w + pad)
-        sheet[y:y + t.shape[0], x:x + t.shape[1]] = t
+        sheet[y : y + t.shape[0], x : x + t.shape[1]] = t
     return sheet
 
 
@@ -165,9 +177,15 @@ def is_up_to_date(run_dir: Path, opts: RenderOptions) -> bool:
     return len(view_paths(run_dir)) == opts.n_views
 
 
-def render_run(run_dir: Path | str, opts: RenderOptions | None = None, device: str | None = "auto",
-               overwrite: bool = False, any_status: bool = False, progress: bool = True,
-               load_scene: Callable[[Path, str], tuple[Any, Any]] | None = None) -> RenderResult:
+def render_run(
+    run_dir: Path | str,
+    opts: RenderOptions | None = None,
+    device: str | None = "auto",
+    overwrite: bool = False,
+    any_status: bool = False,
+    progress: bool = True,
+    load_scene: Callable[[Path, str], tuple[Any, Any]] | None = None,
+) -> RenderResult:
     """Render ``opts.n_views`` orbit views of one run (see module docstring)."""
     import torch
     from PIL import Image
@@ -182,13 +200,18 @@ def render_run(run_dir: Path | str, opts: RenderOptions | None = None, device: s
         if metrics is None:
             return RenderResult(run_dir, "skipped", err or "no metrics.json (run missing); --any-status renders anyway")
         if status != "finished":
-            return RenderResult(run_dir, "skipped", f"status {status!r}: only finished runs are rendered "
-                                                    f"(--any-status to force)")
+            return RenderResult(
+                run_dir, "skipped", f"status {status!r}: only finished runs are rendered (--any-status to force)"
+            )
     if not (run_dir / CHECKPOINT).is_file():
         return RenderResult(run_dir, "skipped", f"no {CHECKPOINT}")
     if not overwrite and is_up_to_date(run_dir, opts):
-        return RenderResult(run_dir, "up-to-date", "views exist for these options and this checkpoint",
-                            read_json(run_dir / RENDER_JSON)[0])
+        return RenderResult(
+            run_dir,
+            "up-to-date",
+            "views exist for these options and this checkpoint",
+            read_json(run_dir / RENDER_JSON)[0],
+        )
 
     from distill.scene.cameras import orbit_cameras
 
@@ -258,9 +281,12 @@ def render_run(run_dir: Path | str, opts: RenderOptions | None = None, device: s
         "scene": type(scene).__name__,
         "height": size[0] if size else H,
         "width": size[1] if size else W,
-        "cameras": {"elevation_deg": cams.elevation.cpu().tolist(), "azimuth_deg": cams.azimuth.cpu().tolist(),
-                    "distance": cams.distance.cpu().tolist(),
-                    "fovy_deg": torch.rad2deg(cams.fovy).cpu().tolist()},
+        "cameras": {
+            "elevation_deg": cams.elevation.cpu().tolist(),
+            "azimuth_deg": cams.azimuth.cpu().tolist(),
+            "distance": cams.distance.cpu().tolist(),
+            "fovy_deg": torch.rad2deg(cams.fovy).cpu().tolist(),
+        },
         "mean_opacity": mean_opacity,
         "empty_views": int(sum(empty_flags)) if empty_flags is not None else None,
         "empty_opacity_threshold": opts.empty_opacity,

@@ -18,9 +18,10 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 CONFIG = "config.yaml"
 METRICS = "metrics.json"
@@ -50,8 +51,10 @@ class NotARunError(EvalError, FileNotFoundError):
 
 
 def _expected() -> str:
-    return (f"a run directory (holding {CONFIG} written by train.py, plus {METRICS} and/or {CHECKPOINT}) "
-            f"or a sweep directory with run directories at any depth below it")
+    return (
+        f"a run directory (holding {CONFIG} written by train.py, plus {METRICS} and/or {CHECKPOINT}) "
+        f"or a sweep directory with run directories at any depth below it"
+    )
 
 
 def is_run_dir(path: Path | str) -> bool:
@@ -72,9 +75,11 @@ def require_run_dir(path: Path | str) -> Path:
         raise NotARunError(f"{path} is a file, not a directory; expected {_expected()}")
     if not is_run_dir(path):
         found = sorted(p.name for p in path.iterdir())[:8]
-        raise NotARunError(f"{path} is not a run directory: it has no {CONFIG} (a run directory holds {CONFIG} "
-                           f"written by train.py, plus {METRICS} and/or {CHECKPOINT}); "
-                           f"it contains: {', '.join(found) if found else 'nothing'}")
+        raise NotARunError(
+            f"{path} is not a run directory: it has no {CONFIG} (a run directory holds {CONFIG} "
+            f"written by train.py, plus {METRICS} and/or {CHECKPOINT}); "
+            f"it contains: {', '.join(found) if found else 'nothing'}"
+        )
     return path
 
 
@@ -105,8 +110,10 @@ def find_runs(root: Path | str, include_broken: bool = False) -> list[Path]:
             broken.append(here)
             dirnames[:] = []
     if not runs and not broken:
-        raise NotARunError(f"{root} is not a run directory (no {CONFIG}) and no run directory was found below it; "
-                           f"expected {_expected()}")
+        raise NotARunError(
+            f"{root} is not a run directory (no {CONFIG}) and no run directory was found below it; "
+            f"expected {_expected()}"
+        )
     out = runs + (broken if include_broken else [])
     return sorted(out)
 

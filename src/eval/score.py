@@ -33,9 +33,18 @@ def is_up_to_date(run_dir: Path, evaluator: ClipEvaluator) -> bool:
     return old.get("views_mtime") == views_mtime(run_dir) and old.get("n_views") == len(view_paths(run_dir))
 
 
-def score_run(run_dir: Path | str, evaluator: ClipEvaluator, batch_size: int = 16, overwrite: bool = False,
-              render: bool = True, render_opts: RenderOptions | None = None, any_status: bool = False,
-              device: str | None = "auto", progress: bool = True, load_scene=None) -> ScoreResult:
+def score_run(
+    run_dir: Path | str,
+    evaluator: ClipEvaluator,
+    batch_size: int = 16,
+    overwrite: bool = False,
+    render: bool = True,
+    render_opts: RenderOptions | None = None,
+    any_status: bool = False,
+    device: str | None = "auto",
+    progress: bool = True,
+    load_scene=None,
+) -> ScoreResult:
     """CLIP score + CLIP-IQA of every rendered view of ``run_dir``; renders first when views are missing."""
     run_dir = require_run_dir(run_dir)
     info = load_run(run_dir)
@@ -43,15 +52,17 @@ def score_run(run_dir: Path | str, evaluator: ClipEvaluator, batch_size: int = 1
     if not prompt:
         raise EvalError(f"{run_dir}: no prompt in config.yaml (key `prompt`) or metrics.json")
     if render:
-        r = render_run(run_dir, render_opts, device=device, any_status=any_status, progress=progress,
-                       load_scene=load_scene)
+        r = render_run(
+            run_dir, render_opts, device=device, any_status=any_status, progress=progress, load_scene=load_scene
+        )
         if r.status == "skipped" and not view_paths(run_dir):
             return ScoreResult(run_dir, "skipped", f"not rendered: {r.message}")
     if not view_paths(run_dir):
         return ScoreResult(run_dir, "skipped", "no rendered views (eval/views/); run `python -m eval render` first")
     if not overwrite and is_up_to_date(run_dir, evaluator):
-        return ScoreResult(run_dir, "up-to-date", "scores exist for these views and this model",
-                           read_json(run_dir / SCORES_JSON)[0])
+        return ScoreResult(
+            run_dir, "up-to-date", "scores exist for these views and this model", read_json(run_dir / SCORES_JSON)[0]
+        )
     t0 = time.time()
     images = load_views(run_dir)
     res = evaluator.score(images, prompt, batch_size=batch_size)
@@ -66,15 +77,18 @@ def score_run(run_dir: Path | str, evaluator: ClipEvaluator, batch_size: int = 1
         "clip_score": res["clip_score"],
         "iqa": res["iqa"],
         "iqa_prompts": {k: list(v) for k, v in evaluator.iqa_prompts.items()},
-        "scales": {"clip_score": "max(100 * cos, 0), 0-100 (torchmetrics CLIPScore)",
-                   "iqa": "percent: 100 * softmax over (positive, negative) anchors of 100 * cos "
-                          "(torchmetrics CLIPImageQualityAssessment)",
-                   "std": "population std (ddof=0) over views"},
+        "scales": {
+            "clip_score": "max(100 * cos, 0), 0-100 (torchmetrics CLIPScore)",
+            "iqa": "percent: 100 * softmax over (positive, negative) anchors of 100 * cos "
+            "(torchmetrics CLIPImageQualityAssessment)",
+            "std": "population std (ddof=0) over views",
+        },
         "views_mtime": views_mtime(run_dir),
         "device": str(evaluator.device),
         "seconds": time.time() - t0,
     }
     write_json(run_dir / SCORES_JSON, scores)
     iqa = " ".join(f"{k} {v['mean']:.1f}" for k, v in res["iqa"].items())
-    return ScoreResult(run_dir, "scored",
-                       f"CLIP {res['clip_score']['mean']:.2f}+-{res['clip_score']['std']:.2f} {iqa}", scores)
+    return ScoreResult(
+        run_dir, "scored", f"CLIP {res['clip_score']['mean']:.2f}+-{res['clip_score']['std']:.2f} {iqa}", scores
+    )

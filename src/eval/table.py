@@ -22,9 +22,10 @@ import io
 import math
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from eval.divergence import RunState, classify
 from eval.runs import METRICS, RunInfo, find_runs, load_run, natural_key, steps_label, unique
@@ -33,25 +34,92 @@ IQA_NAMES = ("quality", "sharpness", "real")
 
 # The paper's Table 6.1 (43 prompts, 50 views each).
 PAPER_ROWS: list[dict[str, Any]] = [
-    {"key": "sds", "label": "SDS 10k", "clip": (29.81, 2.49), "quality": (76, 6.6), "sharpness": (99, 1.2),
-     "real": (98, 2.4), "div_pct": 18.6, "time_min": 66, "vram_gb": 6.2},
-    {"key": "vsd", "label": "VSD 25k", "clip": (33.31, 2.39), "quality": (77, 6.7), "sharpness": (98, 1.3),
-     "real": (96, 4.4), "div_pct": 23.2, "time_min": 334, "vram_gb": 47.9},
-    {"key": "esd", "label": "ESD 25k", "clip": (32.79, 2.15), "quality": (77, 7.2), "sharpness": (98, 1.2),
-     "real": (97, 2.7), "div_pct": 14.0, "time_min": 331, "vram_gb": 46.8},
-    {"key": "hifa", "label": "HiFA 25k", "clip": (32.80, 2.35), "quality": (81, 6.5), "sharpness": (98, 1.5),
-     "real": (97, 1.2), "div_pct": 4.7, "time_min": 235, "vram_gb": 46.4},
-    {"key": "sdi", "label": "SDI (ours) 10k", "clip": (33.47, 2.49), "quality": (82, 6.3), "sharpness": (98, 1.3),
-     "real": (97, 1.2), "div_pct": 4.7, "time_min": 119, "vram_gb": 39.2},
+    {
+        "key": "sds",
+        "label": "SDS 10k",
+        "clip": (29.81, 2.49),
+        "quality": (76, 6.6),
+        "sharpness": (99, 1.2),
+        "real": (98, 2.4),
+        "div_pct": 18.6,
+        "time_min": 66,
+        "vram_gb": 6.2,
+    },
+    {
+        "key": "vsd",
+        "label": "VSD 25k",
+        "clip": (33.31, 2.39),
+        "quality": (77, 6.7),
+        "sharpness": (98, 1.3),
+        "real": (96, 4.4),
+        "div_pct": 23.2,
+        "time_min": 334,
+        "vram_gb": 47.9,
+    },
+    {
+        "key": "esd",
+        "label": "ESD 25k",
+        "clip": (32.79, 2.15),
+        "quality": (77, 7.2),
+        "sharpness": (98, 1.2),
+        "real": (97, 2.7),
+        "div_pct": 14.0,
+        "time_min": 331,
+        "vram_gb": 46.8,
+    },
+    {
+        "key": "hifa",
+        "label": "HiFA 25k",
+        "clip": (32.80, 2.35),
+        "quality": (81, 6.5),
+        "sharpness": (98, 1.5),
+        "real": (97, 1.2),
+        "div_pct": 4.7,
+        "time_min": 235,
+        "vram_gb": 46.4,
+    },
+    {
+        "key": "sdi",
+        "label": "SDI (ours) 10k",
+        "clip": (33.47, 2.49),
+        "quality": (82, 6.3),
+        "sharpness": (98, 1.3),
+        "real": (97, 1.2),
+        "div_pct": 4.7,
+        "time_min": 119,
+        "vram_gb": 39.2,
+    },
 ]
 PAPER_ORDER = [r["key"] for r in PAPER_ROWS]
-_METHOD_ALIASES = {"ddim_inversion": "sdi", "ddiminversion": "sdi", "sdi": "sdi", "sds": "sds", "vsd": "vsd",
-                   "prolificdreamer": "vsd", "esd": "esd", "hifa": "hifa"}
+_METHOD_ALIASES = {
+    "ddim_inversion": "sdi",
+    "ddiminversion": "sdi",
+    "sdi": "sdi",
+    "sds": "sds",
+    "vsd": "vsd",
+    "prolificdreamer": "vsd",
+    "esd": "esd",
+    "hifa": "hifa",
+}
 _METHOD_LABELS = {"sds": "SDS", "sdi": "SDI", "vsd": "VSD", "esd": "ESD", "hifa": "HiFA"}
 
 # metrics.json entries that are bookkeeping, not ground-truth metrics
-_NOT_GT = {"steps", "max_steps", "seconds", "peak_memory_mb", "diverged", "resumed_from_step", "seed", "step",
-           "status", "diverged_reason", "method", "prompt", "device", "error"}
+_NOT_GT = {
+    "steps",
+    "max_steps",
+    "seconds",
+    "peak_memory_mb",
+    "diverged",
+    "resumed_from_step",
+    "seed",
+    "step",
+    "status",
+    "diverged_reason",
+    "method",
+    "prompt",
+    "device",
+    "error",
+}
 _NOT_GT_PATTERN = re.compile(r"(mesh|video|vertices|faces|frames|_path$|_file$|^n_)")
 _GT_FIRST = ["psnr", "ssim", "texture_realism", "realism_high_band", "realism_low_band", "mode_commitment"]
 
@@ -199,8 +267,11 @@ class Group:
         return first + sorted(n for n in names if n not in first)
 
     def gt_stat(self, name: str) -> tuple[float, float, int] | None:
-        vals = [_num((r.info.metrics or {}).get(name)) for r in self.runs
-                if r.state.state == "finished" and r.info.is_analytic]
+        vals = [
+            _num((r.info.metrics or {}).get(name))
+            for r in self.runs
+            if r.state.state == "finished" and r.info.is_analytic
+        ]
         vals = [v for v in vals if v is not None]
         ms = _mean_std(vals)
         return (ms[0], ms[1], len(vals)) if ms else None
@@ -240,8 +311,13 @@ class Aggregate:
 
 def _group_sort_key(g: Group) -> tuple:
     k = g.paper_key
-    return (PAPER_ORDER.index(k) if k in PAPER_ORDER else len(PAPER_ORDER), natural_key(g.method),
-            g.max_steps or 0, str(g.prior), str(g.scene))
+    return (
+        PAPER_ORDER.index(k) if k in PAPER_ORDER else len(PAPER_ORDER),
+        natural_key(g.method),
+        g.max_steps or 0,
+        str(g.prior),
+        str(g.scene),
+    )
 
 
 def aggregate(root: Path | str, prompts: Sequence[str] | None = None) -> Aggregate:
@@ -260,8 +336,9 @@ def aggregate(root: Path | str, prompts: Sequence[str] | None = None) -> Aggrega
         key = (info.method, info.max_steps, info.prior, info.scene)
         g = groups.get(key) or groups.setdefault(key, Group(*key))
         g.runs.append(RunRecord(info, state))
-    agg = Aggregate(root, sorted(groups.values(), key=_group_sort_key), broken,
-                    expected_prompts=list(prompts) if prompts else None)
+    agg = Aggregate(
+        root, sorted(groups.values(), key=_group_sort_key), broken, expected_prompts=list(prompts) if prompts else None
+    )
     if prompts:
         for g in agg.groups:
             have = {r.info.prompt for r in g.runs}
@@ -312,21 +389,57 @@ def _excluded(g: Group) -> str:
     return ", ".join(parts) if parts else "-"
 
 
-MAIN_COLUMNS = ["Method", "Source", "Prior", "Scene", "Runs", "Excluded", "CLIP", "quality", "sharpness", "real",
-                "Div.%", "Time", "VRAM"]
+MAIN_COLUMNS = [
+    "Method",
+    "Source",
+    "Prior",
+    "Scene",
+    "Runs",
+    "Excluded",
+    "CLIP",
+    "quality",
+    "sharpness",
+    "real",
+    "Div.%",
+    "Time",
+    "VRAM",
+]
 
 
 def _our_cells(g: Group, pm: str = PM) -> list[str]:
-    return [g.label, "ours", g.prior or "-", g.scene or "-", f"{g.ended}", _excluded(g),
-            fmt_pm(g.stat("clip"), 2, 2, pm), fmt_pm(g.stat("quality"), 0, 1, pm),
-            fmt_pm(g.stat("sharpness"), 0, 1, pm), fmt_pm(g.stat("real"), 0, 1, pm), fmt_pct(g.div_pct),
-            fmt_time(g.time_min), fmt_mem(g.vram_gb)]
+    return [
+        g.label,
+        "ours",
+        g.prior or "-",
+        g.scene or "-",
+        f"{g.ended}",
+        _excluded(g),
+        fmt_pm(g.stat("clip"), 2, 2, pm),
+        fmt_pm(g.stat("quality"), 0, 1, pm),
+        fmt_pm(g.stat("sharpness"), 0, 1, pm),
+        fmt_pm(g.stat("real"), 0, 1, pm),
+        fmt_pct(g.div_pct),
+        fmt_time(g.time_min),
+        fmt_mem(g.vram_gb),
+    ]
 
 
 def _paper_cells(row: dict[str, Any], pm: str = PM) -> list[str]:
-    return [row["label"], "paper", "SD 2.1", "NeRF", "43", "-", fmt_pm(row["clip"], 2, 2, pm),
-            fmt_pm(row["quality"], 0, 1, pm), fmt_pm(row["sharpness"], 0, 1, pm), fmt_pm(row["real"], 0, 1, pm),
-            fmt_pct(row["div_pct"]), fmt_time(row["time_min"]), fmt_mem(row["vram_gb"])]
+    return [
+        row["label"],
+        "paper",
+        "SD 2.1",
+        "NeRF",
+        "43",
+        "-",
+        fmt_pm(row["clip"], 2, 2, pm),
+        fmt_pm(row["quality"], 0, 1, pm),
+        fmt_pm(row["sharpness"], 0, 1, pm),
+        fmt_pm(row["real"], 0, 1, pm),
+        fmt_pct(row["div_pct"]),
+        fmt_time(row["time_min"]),
+        fmt_mem(row["vram_gb"]),
+    ]
 
 
 def main_rows(agg: Aggregate, paper: bool = True, pm: str = PM) -> list[list[str]]:
@@ -384,33 +497,52 @@ def run_lists(agg: Aggregate) -> list[tuple[str, list[str]]]:
     """(title, lines) for diverged / running / missing / failed / unscored / broken runs."""
     root = agg.root
     out = []
-    for state, title in (("diverged", "Diverged"), ("running", "Half-finished (status running)"),
-                         ("missing", "Missing (no metrics.json)"), ("failed", "Failed (not counted as diverged)")):
+    for state, title in (
+        ("diverged", "Diverged"),
+        ("running", "Half-finished (status running)"),
+        ("missing", "Missing (no metrics.json)"),
+        ("failed", "Failed (not counted as diverged)"),
+    ):
         recs = agg.by_state(state)
         if recs:
-            out.append((f"{title}: {len(recs)}",
-                        [f"{_rel(r.path, root)} [{r.info.method}] {r.state.reason or ''}".rstrip() for r in recs]))
+            out.append(
+                (
+                    f"{title}: {len(recs)}",
+                    [f"{_rel(r.path, root)} [{r.info.method}] {r.state.reason or ''}".rstrip() for r in recs],
+                )
+            )
     if agg.unscored:
-        out.append((f"Finished but not scored (no eval/scores.json; run `python -m eval score`): {len(agg.unscored)}",
-                    [f"{_rel(r.path, root)} [{r.info.method}]" for r in agg.unscored]))
+        out.append(
+            (
+                f"Finished but not scored (no eval/scores.json; run `python -m eval score`): {len(agg.unscored)}",
+                [f"{_rel(r.path, root)} [{r.info.method}]" for r in agg.unscored],
+            )
+        )
     if agg.broken:
-        out.append((f"Not readable as runs (metrics.json or checkpoint without a readable config.yaml): "
-                    f"{len(agg.broken)}", [_rel(p, root) for p in agg.broken]))
+        out.append(
+            (
+                f"Not readable as runs (metrics.json or checkpoint without a readable config.yaml): {len(agg.broken)}",
+                [_rel(p, root) for p in agg.broken],
+            )
+        )
     for label, prompts in agg.absent.items():
-        out.append((f"{label}: {len(prompts)} of {len(agg.expected_prompts or [])} prompts have no run",
-                    prompts))
+        out.append((f"{label}: {len(prompts)} of {len(agg.expected_prompts or [])} prompts have no run", prompts))
     return out
 
 
 def to_markdown(agg: Aggregate, paper: bool = True) -> str:
     models = agg.models
     lines = [f"# Table 6.1 — {agg.root}", ""]
-    lines.append(f"CLIP model: {', '.join(models) if models else '(no scored runs)'}"
-                 + ("  **(mixed models across runs)**" if len(models) > 1 else ""))
+    lines.append(
+        f"CLIP model: {', '.join(models) if models else '(no scored runs)'}"
+        + ("  **(mixed models across runs)**" if len(models) > 1 else "")
+    )
     n = len(agg.records)
     c = {s: len(agg.by_state(s)) for s in ("finished", "diverged", "running", "missing", "failed")}
-    lines.append(f"Runs: {n} ({', '.join(f'{v} {k}' for k, v in c.items())})"
-                 + (f", {len(agg.broken)} unreadable" if agg.broken else ""))
+    lines.append(
+        f"Runs: {n} ({', '.join(f'{v} {k}' for k, v in c.items())})"
+        + (f", {len(agg.broken)} unreadable" if agg.broken else "")
+    )
     lines += ["", _md_table(MAIN_COLUMNS, main_rows(agg, paper)), ""]
     cols, rows = gt_rows(agg)
     if rows:
@@ -423,16 +555,19 @@ def to_markdown(agg: Aggregate, paper: bool = True) -> str:
             lines += [f"- {x}" for x in items]
             lines.append("")
     devs = unique(d for g in agg.groups for d in g.memory_devices)
-    lines += ["Notes:",
-              "- Runs: finished + diverged runs (the Div.% denominator); Excluded: running / missing / failed runs "
-              "and finished runs without scores.",
-              "- CLIP: torchmetrics CLIPScore, max(100 cos, 0); quality / sharpness / real: CLIP-IQA in percent; "
-              "mean±std (ddof=0) over all views of the finished, non-diverged, scored runs.",
-              "- Div.%: runs that produced NaN, ran out of memory or ended with an empty volume "
-              "(mean opacity below threshold in most views), over finished + diverged runs.",
-              "- Time / VRAM: means over runs the trainer finished; VRAM is metrics.json peak_memory_mb"
-              + (" (on CPU runs: process max RSS, not GPU memory)" if "cpu" in devs else "") + ".",
-              "- paper rows: the paper's Table 6.1 (SD 2.1, NeRF, 43 prompts x 50 views)." if paper else ""]
+    lines += [
+        "Notes:",
+        "- Runs: finished + diverged runs (the Div.% denominator); Excluded: running / missing / failed runs "
+        "and finished runs without scores.",
+        "- CLIP: torchmetrics CLIPScore, max(100 cos, 0); quality / sharpness / real: CLIP-IQA in percent; "
+        "mean±std (ddof=0) over all views of the finished, non-diverged, scored runs.",
+        "- Div.%: runs that produced NaN, ran out of memory or ended with an empty volume "
+        "(mean opacity below threshold in most views), over finished + diverged runs.",
+        "- Time / VRAM: means over runs the trainer finished; VRAM is metrics.json peak_memory_mb"
+        + (" (on CPU runs: process max RSS, not GPU memory)" if "cpu" in devs else "")
+        + ".",
+        "- paper rows: the paper's Table 6.1 (SD 2.1, NeRF, 43 prompts x 50 views)." if paper else "",
+    ]
     return "\n".join(lines).rstrip() + "\n"
 
 
@@ -441,32 +576,72 @@ CSV_STAT_COLUMNS = ["clip", "quality", "sharpness", "real"]
 
 def csv_rows(agg: Aggregate, paper: bool = True) -> tuple[list[str], list[dict[str, Any]]]:
     gt = agg.gt_names
-    cols = (["source", "method", "label", "prior", "scene", "max_steps", "n_runs", "n_finished", "n_diverged",
-             "n_running", "n_missing", "n_failed", "n_scored", "n_views"]
-            + [f"{s}_{x}" for s in CSV_STAT_COLUMNS for x in ("mean", "std")]
-            + ["div_pct", "time_min", "vram_gb", "clip_model"]
-            + [f"gt_{n}_{x}" for n in gt for x in ("mean", "std")])
+    cols = (
+        [
+            "source",
+            "method",
+            "label",
+            "prior",
+            "scene",
+            "max_steps",
+            "n_runs",
+            "n_finished",
+            "n_diverged",
+            "n_running",
+            "n_missing",
+            "n_failed",
+            "n_scored",
+            "n_views",
+        ]
+        + [f"{s}_{x}" for s in CSV_STAT_COLUMNS for x in ("mean", "std")]
+        + ["div_pct", "time_min", "vram_gb", "clip_model"]
+        + [f"gt_{n}_{x}" for n in gt for x in ("mean", "std")]
+    )
     rows: list[dict[str, Any]] = []
     for g in agg.groups:
         c = g.counts
-        row: dict[str, Any] = {"source": "ours", "method": g.method, "label": g.label, "prior": g.prior,
-                               "scene": g.scene, "max_steps": g.max_steps, "n_runs": len(g.runs),
-                               "n_finished": c["finished"], "n_diverged": c["diverged"], "n_running": c["running"],
-                               "n_missing": c["missing"], "n_failed": c["failed"], "n_scored": len(g.quality_runs),
-                               "n_views": g.n_views, "div_pct": g.div_pct, "time_min": g.time_min,
-                               "vram_gb": g.vram_gb, "clip_model": ";".join(g.models)}
+        row: dict[str, Any] = {
+            "source": "ours",
+            "method": g.method,
+            "label": g.label,
+            "prior": g.prior,
+            "scene": g.scene,
+            "max_steps": g.max_steps,
+            "n_runs": len(g.runs),
+            "n_finished": c["finished"],
+            "n_diverged": c["diverged"],
+            "n_running": c["running"],
+            "n_missing": c["missing"],
+            "n_failed": c["failed"],
+            "n_scored": len(g.quality_runs),
+            "n_views": g.n_views,
+            "div_pct": g.div_pct,
+            "time_min": g.time_min,
+            "vram_gb": g.vram_gb,
+            "clip_model": ";".join(g.models),
+        }
         for s in CSV_STAT_COLUMNS:
             st = g.stat(s)
-            row[f"{s}_mean"], row[f"{s}_std"] = (st if st else (None, None))
+            row[f"{s}_mean"], row[f"{s}_std"] = st if st else (None, None)
         for n in gt:
             st = g.gt_stat(n)
             row[f"gt_{n}_mean"], row[f"gt_{n}_std"] = (st[0], st[1]) if st else (None, None)
         rows.append(row)
     if paper:
         for p in PAPER_ROWS:
-            row = {"source": "paper", "method": p["key"], "label": p["label"], "prior": "SD 2.1", "scene": "NeRF",
-                   "max_steps": int(re.search(r"(\d+)k", p["label"]).group(1)) * 1000, "n_runs": 43,
-                   "n_views": 43 * 50, "div_pct": p["div_pct"], "time_min": p["time_min"], "vram_gb": p["vram_gb"]}
+            row = {
+                "source": "paper",
+                "method": p["key"],
+                "label": p["label"],
+                "prior": "SD 2.1",
+                "scene": "NeRF",
+                "max_steps": int(re.search(r"(\d+)k", p["label"]).group(1)) * 1000,
+                "n_runs": 43,
+                "n_views": 43 * 50,
+                "div_pct": p["div_pct"],
+                "time_min": p["time_min"],
+                "vram_gb": p["vram_gb"],
+            }
             for s in CSV_STAT_COLUMNS:
                 row[f"{s}_mean"], row[f"{s}_std"] = p[s]
             rows.append(row)
@@ -483,9 +658,29 @@ def to_csv(agg: Aggregate, paper: bool = True) -> str:
     return buf.getvalue()
 
 
-RUN_COLUMNS = ["path", "method", "prompt", "seed", "max_steps", "prior", "scene", "state", "reason", "status",
-               "steps", "seconds", "peak_memory_mb", "clip_mean", "clip_std", "quality_mean", "sharpness_mean",
-               "real_mean", "n_views", "mean_opacity", "clip_model"]
+RUN_COLUMNS = [
+    "path",
+    "method",
+    "prompt",
+    "seed",
+    "max_steps",
+    "prior",
+    "scene",
+    "state",
+    "reason",
+    "status",
+    "steps",
+    "seconds",
+    "peak_memory_mb",
+    "clip_mean",
+    "clip_std",
+    "quality_mean",
+    "sharpness_mean",
+    "real_mean",
+    "n_views",
+    "mean_opacity",
+    "clip_model",
+]
 
 
 def run_rows(agg: Aggregate) -> list[dict[str, Any]]:
@@ -494,17 +689,31 @@ def run_rows(agg: Aggregate) -> list[dict[str, Any]]:
         m, s, rd = r.info.metrics or {}, r.info.scores or {}, r.info.render or {}
         iqa = s.get("iqa") or {}
         op = rd.get("mean_opacity")
-        rows.append({
-            "path": _rel(r.path, agg.root), "method": r.info.method, "prompt": r.info.prompt, "seed": r.info.seed,
-            "max_steps": r.info.max_steps, "prior": r.info.prior, "scene": r.info.scene, "state": r.state.state,
-            "reason": r.state.reason, "status": m.get("status"), "steps": m.get("steps"), "seconds": m.get("seconds"),
-            "peak_memory_mb": m.get("peak_memory_mb"),
-            "clip_mean": (s.get("clip_score") or {}).get("mean"), "clip_std": (s.get("clip_score") or {}).get("std"),
-            "quality_mean": (iqa.get("quality") or {}).get("mean"),
-            "sharpness_mean": (iqa.get("sharpness") or {}).get("mean"), "real_mean": (iqa.get("real") or {}).get("mean"),
-            "n_views": s.get("n_views"), "mean_opacity": (sum(op) / len(op)) if op else None,
-            "clip_model": (s.get("model") or {}).get("spec"),
-        })
+        rows.append(
+            {
+                "path": _rel(r.path, agg.root),
+                "method": r.info.method,
+                "prompt": r.info.prompt,
+                "seed": r.info.seed,
+                "max_steps": r.info.max_steps,
+                "prior": r.info.prior,
+                "scene": r.info.scene,
+                "state": r.state.state,
+                "reason": r.state.reason,
+                "status": m.get("status"),
+                "steps": m.get("steps"),
+                "seconds": m.get("seconds"),
+                "peak_memory_mb": m.get("peak_memory_mb"),
+                "clip_mean": (s.get("clip_score") or {}).get("mean"),
+                "clip_std": (s.get("clip_score") or {}).get("std"),
+                "quality_mean": (iqa.get("quality") or {}).get("mean"),
+                "sharpness_mean": (iqa.get("sharpness") or {}).get("mean"),
+                "real_mean": (iqa.get("real") or {}).get("mean"),
+                "n_views": s.get("n_views"),
+                "mean_opacity": (sum(op) / len(op)) if op else None,
+                "clip_model": (s.get("model") or {}).get("spec"),
+            }
+        )
     return rows
 
 
@@ -526,35 +735,62 @@ def _tex(s: Any) -> str:
 
 def to_latex(agg: Aggregate, paper: bool = True) -> str:
     cols = ["Method", "Source", "CLIP", "quality", "sharpness", "real", "Div.\\%", "Time", "VRAM"]
-    keep = [MAIN_COLUMNS.index(c) for c in ("Method", "Source", "CLIP", "quality", "sharpness", "real", "Div.%",
-                                             "Time", "VRAM")]
+    keep = [
+        MAIN_COLUMNS.index(c)
+        for c in ("Method", "Source", "CLIP", "quality", "sharpness", "real", "Div.%", "Time", "VRAM")
+    ]
     rows = [[r[i] for i in keep] for r in main_rows(agg, paper)]
-    out = [r"% generated by python -m eval table " + str(agg.root).replace("%", r"\%"),
-           r"\begin{table}[t]", r"\centering", r"\small",
-           r"\begin{tabular}{ll" + "r" * (len(cols) - 2) + "}", r"\toprule",
-           " & ".join(cols) + r" \\", r"\midrule"]
+    out = [
+        r"% generated by python -m eval table " + str(agg.root).replace("%", r"\%"),
+        r"\begin{table}[t]",
+        r"\centering",
+        r"\small",
+        r"\begin{tabular}{ll" + "r" * (len(cols) - 2) + "}",
+        r"\toprule",
+        " & ".join(cols) + r" \\",
+        r"\midrule",
+    ]
     for r in rows:
         out.append(" & ".join(_tex(c) for c in r) + r" \\")
-    out += [r"\bottomrule", r"\end{tabular}",
-            r"\caption{CLIP score and CLIP-IQA (mean $\pm$ std over views), diverged runs, mean run time and peak "
-            r"memory; paper rows from Table 6.1. CLIP model: " + _tex(", ".join(agg.models) or "-") + "}",
-            r"\end{table}"]
+    out += [
+        r"\bottomrule",
+        r"\end{tabular}",
+        r"\caption{CLIP score and CLIP-IQA (mean $\pm$ std over views), diverged runs, mean run time and peak "
+        r"memory; paper rows from Table 6.1. CLIP model: " + _tex(", ".join(agg.models) or "-") + "}",
+        r"\end{table}",
+    ]
     gcols, grows = gt_rows(agg)
     if grows:
-        out += ["", r"\begin{table}[t]", r"\centering", r"\small",
-                r"\begin{tabular}{llll" + "r" * (len(gcols) - 4) + "}", r"\toprule",
-                " & ".join(_tex(c) for c in gcols) + r" \\", r"\midrule"]
+        out += [
+            "",
+            r"\begin{table}[t]",
+            r"\centering",
+            r"\small",
+            r"\begin{tabular}{llll" + "r" * (len(gcols) - 4) + "}",
+            r"\toprule",
+            " & ".join(_tex(c) for c in gcols) + r" \\",
+            r"\midrule",
+        ]
         out += [" & ".join(_tex(c) for c in r) + r" \\" for r in grows]
-        out += [r"\bottomrule", r"\end{tabular}", r"\caption{Ground-truth metrics of the analytic prior "
-                r"(mean $\pm$ std over finished runs).}", r"\end{table}"]
+        out += [
+            r"\bottomrule",
+            r"\end{tabular}",
+            r"\caption{Ground-truth metrics of the analytic prior "
+            r"(mean $\pm$ std over finished runs).}",
+            r"\end{table}",
+        ]
     return "\n".join(out) + "\n"
 
 
 def write_tables(agg: Aggregate, out_dir: Path | str, paper: bool = True) -> dict[str, Path]:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    files = {"markdown": out_dir / "table.md", "csv": out_dir / "table.csv", "latex": out_dir / "table.tex",
-             "runs": out_dir / "runs.csv"}
+    files = {
+        "markdown": out_dir / "table.md",
+        "csv": out_dir / "table.csv",
+        "latex": out_dir / "table.tex",
+        "runs": out_dir / "runs.csv",
+    }
     files["markdown"].write_text(to_markdown(agg, paper))
     files["csv"].write_text(to_csv(agg, paper))
     files["latex"].write_text(to_latex(agg, paper))
@@ -562,21 +798,34 @@ def write_tables(agg: Aggregate, out_dir: Path | str, paper: bool = True) -> dic
     return files
 
 
-def log_wandb(agg: Aggregate, project: str = "sdi-lab", name: str | None = None, out_dir: Path | str | None = None,
-              entity: str | None = None, paper: bool = True) -> dict[str, Any]:
+def log_wandb(
+    agg: Aggregate,
+    project: str = "sdi-lab",
+    name: str | None = None,
+    out_dir: Path | str | None = None,
+    entity: str | None = None,
+    paper: bool = True,
+) -> dict[str, Any]:
     """Log the table (and the per-run listing) as ``wandb.Table``s; offline unless a key is configured."""
     import wandb
 
     mode = os.environ.get("WANDB_MODE") or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
     cols, rows = csv_rows(agg, paper)
     data = [[r.get(c) for c in cols] for r in rows]
-    run = wandb.init(project=project, entity=entity, name=name or f"table-{agg.root.name}", job_type="eval",
-                     dir=str(out_dir) if out_dir else None, mode=mode,
-                     config={"root": str(agg.root), "clip_models": agg.models, "n_runs": len(agg.records)})
+    run = wandb.init(
+        project=project,
+        entity=entity,
+        name=name or f"table-{agg.root.name}",
+        job_type="eval",
+        dir=str(out_dir) if out_dir else None,
+        mode=mode,
+        config={"root": str(agg.root), "clip_models": agg.models, "n_runs": len(agg.records)},
+    )
     try:
-        payload = {"table_6_1": wandb.Table(columns=cols, data=data),
-                   "runs": wandb.Table(columns=RUN_COLUMNS, data=[[r.get(c) for c in RUN_COLUMNS]
-                                                                  for r in run_rows(agg)])}
+        payload = {
+            "table_6_1": wandb.Table(columns=cols, data=data),
+            "runs": wandb.Table(columns=RUN_COLUMNS, data=[[r.get(c) for c in RUN_COLUMNS] for r in run_rows(agg)]),
+        }
         gcols, grows = gt_rows(agg)
         if grows:
             payload["ground_truth"] = wandb.Table(columns=gcols, data=grows)
@@ -595,5 +844,16 @@ def load_expected_prompts(path: Path | str | None) -> list[str] | None:
     return read_prompt_file(path)
 
 
-__all__ = ["aggregate", "Aggregate", "Group", "to_markdown", "to_csv", "to_latex", "runs_csv", "write_tables",
-           "log_wandb", "PAPER_ROWS", "paper_key"]
+__all__ = [
+    "aggregate",
+    "Aggregate",
+    "Group",
+    "to_markdown",
+    "to_csv",
+    "to_latex",
+    "runs_csv",
+    "write_tables",
+    "log_wandb",
+    "PAPER_ROWS",
+    "paper_key",
+]

@@ -16,8 +16,9 @@ class Logger:
     class Config:
         pass
 
-    def __init__(self, cfg: Any = None, run_dir: Path | None = None, run_config: dict | None = None,
-                 run_name: str = "run"):
+    def __init__(
+        self, cfg: Any = None, run_dir: Path | None = None, run_config: dict | None = None, run_name: str = "run"
+    ):
         self.cfg, self.run_dir, self.run_config, self.run_name = cfg, run_dir, run_config or {}, run_name
 
     def log_scalars(self, values: dict[str, float], step: int) -> None:

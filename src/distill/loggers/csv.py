@@ -19,7 +19,7 @@ class CSVLogger(Logger):
     class Config:
         filename: str = "scalars.csv"
 
-    def __init__(self, cfg: "CSVLogger.Config", run_dir: Path, run_config: dict | None = None, run_name: str = "run"):
+    def __init__(self, cfg: CSVLogger.Config, run_dir: Path, run_config: dict | None = None, run_name: str = "run"):
         super().__init__(cfg, run_dir, run_config, run_name)
         self.path = Path(run_dir) / cfg.filename
         new = not self.path.exists()

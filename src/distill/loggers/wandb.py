@@ -32,7 +32,7 @@ import string
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 from urllib.parse import urlparse
 
 import numpy as np
@@ -45,8 +45,16 @@ ID_FILE = "wandb_id.txt"
 STEP_KEY = "trainer/step"
 _MODES = ("auto", "online", "offline", "disabled")
 # overrides that say where/how a run ran, not what it is: never used as tags
-_NOT_TAGS = {"hydra/launcher", "slurm", "sweep", "logger", "paths.output_root", "trainer.device", "trainer.resume",
-             "trainer.progress"}
+_NOT_TAGS = {
+    "hydra/launcher",
+    "slurm",
+    "sweep",
+    "logger",
+    "paths.output_root",
+    "trainer.device",
+    "trainer.resume",
+    "trainer.progress",
+}
 
 
 def new_run_id(length: int = 8) -> str:
@@ -129,13 +137,13 @@ class WandbLogger(Logger):
     @dataclass
     class Config:
         project: str = "sdi-lab"
-        entity: Optional[str] = None
-        group: Optional[str] = None  # default: the sweep / experiment name
+        entity: str | None = None
+        group: str | None = None  # default: the sweep / experiment name
         tags: list[str] = field(default_factory=list)  # added to the tags taken from the overrides
         tags_from_overrides: bool = True
-        name: Optional[str] = None  # default: the run directory name
+        name: str | None = None  # default: the run directory name
         job_type: str = "train"
-        notes: Optional[str] = None
+        notes: str | None = None
         mode: str = "auto"  # auto | online | offline | disabled
         log_config: bool = True  # the resolved config as the W&B run config
 
@@ -143,8 +151,7 @@ class WandbLogger(Logger):
             if self.mode not in _MODES:
                 raise ValueError(f"logger.mode={self.mode!r} is unknown; allowed: {', '.join(_MODES)}")
 
-    def __init__(self, cfg: "WandbLogger.Config", run_dir: Path, run_config: dict | None = None,
-                 run_name: str = "run"):
+    def __init__(self, cfg: WandbLogger.Config, run_dir: Path, run_config: dict | None = None, run_name: str = "run"):
         super().__init__(cfg, run_dir, run_config, run_name)
         import wandb
 
@@ -196,8 +203,15 @@ class WandbLogger(Logger):
         self.run.define_metric(STEP_KEY)
         self.run.define_metric("*", step_metric=STEP_KEY)
         atexit.register(self._atexit)
-        log.info("wandb: %s run %s (%s/%s, group=%s)%s", self.mode, run_id, cfg.entity or "-", cfg.project,
-                 self.group, " resumed" if self.resumed else "")
+        log.info(
+            "wandb: %s run %s (%s/%s, group=%s)%s",
+            self.mode,
+            run_id,
+            cfg.entity or "-",
+            cfg.project,
+            self.group,
+            " resumed" if self.resumed else "",
+        )
 
     # ----- naming -------------------------------------------------------------------------------
     def _default_group(self) -> str | None:
@@ -235,8 +249,9 @@ class WandbLogger(Logger):
             return fn(*args, **kwargs)
         except Exception as e:  # noqa: BLE001 - see above
             self._broken = True
-            log.warning("wandb: %s failed (%s: %s); W&B logging is off for the rest of this process", what,
-                        type(e).__name__, e)
+            log.warning(
+                "wandb: %s failed (%s: %s); W&B logging is off for the rest of this process", what, type(e).__name__, e
+            )
             return None
 
     def log_scalars(self, values: dict[str, float], step: int) -> None:
@@ -251,12 +266,15 @@ class WandbLogger(Logger):
     def log_video(self, name: str, path: Path, step: int) -> None:
         path = Path(path)
         fmt = path.suffix.lstrip(".").lower() or "mp4"
-        self._call("log_video",
-                   lambda: self.run.log({name: self._wandb.Video(str(path), format=fmt), STEP_KEY: int(step)}))
+        self._call(
+            "log_video", lambda: self.run.log({name: self._wandb.Video(str(path), format=fmt), STEP_KEY: int(step)})
+        )
 
     def log_table(self, name: str, columns: list[str], rows: list[list[Any]]) -> None:
-        self._call("log_table", lambda: self.run.log(
-            {name: self._wandb.Table(columns=list(columns), data=[list(r) for r in rows])}))
+        self._call(
+            "log_table",
+            lambda: self.run.log({name: self._wandb.Table(columns=list(columns), data=[list(r) for r in rows])}),
+        )
 
     def summary(self, metrics: dict[str, Any]) -> None:
         clean = {k: v for k, v in metrics.items() if isinstance(v, (int, float, str, bool, list, dict)) or v is None}
@@ -269,8 +287,10 @@ class WandbLogger(Logger):
         self._call("finish", self.run.finish, exit_code=exit_code)
         if self.mode == "offline":
             sync_dir = self.offline_dir()
-            print(f"wandb: offline run saved; upload it with:\n  wandb sync {sync_dir or self.run_dir / 'wandb'}",
-                  file=sys.stderr)
+            print(
+                f"wandb: offline run saved; upload it with:\n  wandb sync {sync_dir or self.run_dir / 'wandb'}",
+                file=sys.stderr,
+            )
 
     def offline_dir(self) -> Path | None:
         """The directory ``wandb sync`` takes for this (offline) piece of the run."""

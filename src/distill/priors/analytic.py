@@ -18,8 +18,9 @@ by its expected value sum_band lambda is ~1 for a true sample and ~0 for an over
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -132,8 +133,10 @@ class AnalyticPrior(DiffusionPrior):
     def encode(self, images: Tensor) -> Tensor:
         n = self.cfg.image_size
         if images.shape[-2:] != (n, n):
-            raise PriorError(f"the analytic prior models {n}x{n} images, got {tuple(images.shape[-2:])}; "
-                             f"set the scene resolution to {n} or prior.image_size={images.shape[-1]}")
+            raise PriorError(
+                f"the analytic prior models {n}x{n} images, got {tuple(images.shape[-2:])}; "
+                f"set the scene resolution to {n} or prior.image_size={images.shape[-1]}"
+            )
         return self.cfg.scale * (2.0 * images - 1.0)
 
     def decode(self, x0: Tensor) -> Tensor:
@@ -142,8 +145,10 @@ class AnalyticPrior(DiffusionPrior):
     # ----- conditioning -----------------------------------------------------------------------
     def class_index(self, prompt: str) -> int:
         if prompt not in self.prompts:
-            raise PriorError(f"prompt {prompt!r} is not a class of the analytic prior; "
-                             f"use one of {self.prompts} (or prior=sd21 for free text)")
+            raise PriorError(
+                f"prompt {prompt!r} is not a class of the analytic prior; "
+                f"use one of {self.prompts} (or prior=sd21 for free text)"
+            )
         return self.prompts.index(prompt)
 
     def embed_prompts(self, prompts: Sequence[str]) -> Tensor:
@@ -152,8 +157,7 @@ class AnalyticPrior(DiffusionPrior):
             if p == "":
                 rows.append(torch.full((len(self.prompts),), 1.0 / len(self.prompts), dtype=torch.float64))
             else:
-                rows.append(torch.nn.functional.one_hot(torch.tensor(self.class_index(p)),
-                                                        len(self.prompts)).double())
+                rows.append(torch.nn.functional.one_hot(torch.tensor(self.class_index(p)), len(self.prompts)).double())
         return torch.stack(rows).to(self.device)
 
     def component_log_weights(self, embeddings: Tensor) -> Tensor:

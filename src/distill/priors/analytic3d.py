@@ -31,16 +31,17 @@ orbit cameras, fit the texture coefficients of every object of the prompt jointl
 (posterior mean under pixel noise s^2, i.e. least squares regularised by S), pick the object
 with the smallest residual, and report PSNR/SSIM against its mean render, texture realism (the
 whitened energy sum(a_f^2 / S_f) of the fitted coefficients per frequency band over its expected
-value for a true sample: 1 for a sample of the prior, 0 for the over-smoothed mean) and mode commitment (1 - best residual /
-second best residual: ~1 for one object, ~0 for an even blend of two).
+value for a true sample: 1 for a sample of the prior, 0 for the over-smoothed mean) and mode commitment
+(1 - best residual / second best residual: ~1 for one object, ~0 for an even blend of two).
 """
 
 from __future__ import annotations
 
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -123,7 +124,7 @@ class Analytic3DPrior(DiffusionPrior):
             if not 1 <= self.objects_per_prompt <= 3:
                 raise PriorError(f"{where}.objects_per_prompt={self.objects_per_prompt} must be 1, 2 or 3")
 
-    def __init__(self, cfg: "Analytic3DPrior.Config | None" = None, **overrides: Any):
+    def __init__(self, cfg: Analytic3DPrior.Config | None = None, **overrides: Any):
         if cfg is not None and overrides:
             raise TypeError("pass either a Config or keyword overrides, not both")
         if cfg is None or not isinstance(cfg, self.Config):  # keywords (hydra.utils.instantiate) or a mapping
@@ -165,8 +166,9 @@ class Analytic3DPrior(DiffusionPrior):
         self.register_buffer("frame_centre", torch.tensor([f[0] for f in frames], **f64), persistent=False)
         self.register_buffer("frame_half", torch.tensor([f[1] for f in frames], **f64), persistent=False)
         self.register_buffer("background", torch.tensor(cfg.background, dtype=torch.float64), persistent=False)
-        self.register_buffer("log_pi_within", torch.full((len(self.objects),), -math.log(K), dtype=torch.float64),
-                             persistent=False)
+        self.register_buffer(
+            "log_pi_within", torch.full((len(self.objects),), -math.log(K), dtype=torch.float64), persistent=False
+        )
         self._cache: list[tuple[tuple, Geometry]] = []
 
     # ------------------------------------------------------------------ interface
@@ -186,8 +188,10 @@ class Analytic3DPrior(DiffusionPrior):
         key = _VIEW_SUFFIX.sub("", prompt.strip())
         if key not in self.prompts:
             known = ", ".join(repr(p) for p in self.prompts)
-            raise PriorError(f"prompt {prompt!r} is not one of the analytic3d prior's prompts: {known} "
-                             f"('' is the unconditional mixture)")
+            raise PriorError(
+                f"prompt {prompt!r} is not one of the analytic3d prior's prompts: {known} "
+                f"('' is the unconditional mixture)"
+            )
         return self.prompts.index(key)
 
     def embed_prompts(self, prompts: Sequence[str]) -> Tensor:
@@ -220,8 +224,10 @@ class Analytic3DPrior(DiffusionPrior):
     def _class_weights(self, embeddings: Tensor, N: int) -> Tensor:
         w = embeddings.to(self.device, torch.float64).reshape(N, -1)
         if w.shape[1] != len(self.prompts):
-            raise PriorError(f"analytic3d embeddings must have {len(self.prompts)} class weights per row, "
-                             f"got shape {tuple(embeddings.shape)}")
+            raise PriorError(
+                f"analytic3d embeddings must have {len(self.prompts)} class weights per row, "
+                f"got shape {tuple(embeddings.shape)}"
+            )
         w = w.clamp_min(0.0)
         tot = w.sum(-1, keepdim=True)
         if (tot <= 0).any():
@@ -252,7 +258,7 @@ class Analytic3DPrior(DiffusionPrior):
         log_pi = torch.log(self._class_weights(embeddings, N))[:, self.object_class] + self.log_pi_within  # (N, O)
         xr = self._rotate(x_t.to(self.device, torch.float64).reshape(N, 3, P))
         Ssq = self.S.sqrt()  # (3, F)
-        O = geo.phi.shape[1]
+        O = geo.phi.shape[1]  # noqa: E741 - O objects, as in the docstring
         x0 = torch.empty(N, 3, P, dtype=torch.float64, device=self.device)
         resp = torch.empty(N, O, dtype=torch.float64, device=self.device)
         logp = torch.empty(N, dtype=torch.float64, device=self.device)
@@ -356,9 +362,14 @@ class Analytic3DPrior(DiffusionPrior):
     def geometry(self, cameras: Cameras, objects: Sequence[int] | None = None) -> Geometry:
         """Sphere-traced basis and mean views for a camera batch (cached on the camera values)."""
         objects = tuple(range(len(self.objects))) if objects is None else tuple(int(k) for k in objects)
-        key = (cameras.height, cameras.width, objects,
-               cameras.c2w.detach().to("cpu", torch.float64).numpy().tobytes(),
-               cameras.fovy.detach().to("cpu", torch.float64).numpy().tobytes(), str(self.device))
+        key = (
+            cameras.height,
+            cameras.width,
+            objects,
+            cameras.c2w.detach().to("cpu", torch.float64).numpy().tobytes(),
+            cameras.fovy.detach().to("cpu", torch.float64).numpy().tobytes(),
+            str(self.device),
+        )
         for k, g in self._cache:
             if k == key:
                 return g
@@ -376,8 +387,15 @@ class Analytic3DPrior(DiffusionPrior):
         c = self.prompt_index(prompt)
         return [k for k, ck in enumerate(self.object_class) if ck == c]
 
-    def sample_views(self, prompt: str, cameras: Cameras, generator: torch.Generator | None = None,
-                     object_index: int | None = None, texture: str = "sample", noise: bool = True) -> ViewSample:
+    def sample_views(
+        self,
+        prompt: str,
+        cameras: Cameras,
+        generator: torch.Generator | None = None,
+        object_index: int | None = None,
+        texture: str = "sample",
+        noise: bool = True,
+    ) -> ViewSample:
         """One exact draw (object, texture, pixel noise) of the prompt, seen from every camera.
 
         ``prompt=""`` draws from the unconditional mixture. ``object_index`` (within the prompt)
@@ -387,15 +405,25 @@ class Analytic3DPrior(DiffusionPrior):
         x0, obj, a = self.sample_batch(prompt, cameras, 1, generator, object_index, texture, noise)
         return ViewSample(self.decode(x0[0]), x0[0], int(obj[0]), a[0])
 
-    def sample_batch(self, prompt: str, cameras: Cameras, n: int, generator: torch.Generator | None = None,
-                     object_index: int | None = None, texture: str = "sample",
-                     noise: bool = True) -> tuple[Tensor, Tensor, Tensor]:
+    def sample_batch(
+        self,
+        prompt: str,
+        cameras: Cameras,
+        n: int,
+        generator: torch.Generator | None = None,
+        object_index: int | None = None,
+        texture: str = "sample",
+        noise: bool = True,
+    ) -> tuple[Tensor, Tensor, Tensor]:
         """``n`` independent exact draws: x0 (n, B, 3, H, W) float64 in pixel space, the object
         index within the prompt (n,) and the texture coefficients (n, F, 3) (rotated colours)."""
         if texture not in ("sample", "mean"):
             raise PriorError(f"texture={texture!r} must be 'sample' or 'mean'")
-        cands = list(range(len(self.objects))) if _VIEW_SUFFIX.sub("", prompt.strip()) == "" \
+        cands = (
+            list(range(len(self.objects)))
+            if _VIEW_SUFFIX.sub("", prompt.strip()) == ""
             else self.prompt_objects(prompt)
+        )
         if object_index is None:
             obj = torch.randint(len(cands), (n,), generator=generator)
         else:
@@ -469,8 +497,15 @@ class Analytic3DPrior(DiffusionPrior):
         return {"coeffs": a, "post_var": post_var, "mse": mse, "mean": geo.mean}
 
     @torch.no_grad()
-    def evaluate(self, scene: Any, prompt: str, n_views: int = 8, height: int = 64, width: int = 64,
-                 generator: torch.Generator | None = None) -> dict[str, float]:
+    def evaluate(
+        self,
+        scene: Any,
+        prompt: str,
+        n_views: int = 8,
+        height: int = 64,
+        width: int = 64,
+        generator: torch.Generator | None = None,
+    ) -> dict[str, float]:
         """Ground-truth metrics of a trained scene at ``n_views`` held-out orbit cameras.
 
         psnr, ssim: against the nearest object's mean render (in [0, 1]); psnr_fit: against the

@@ -11,7 +11,8 @@ seen through four operations: ``encode`` (render -> x0, differentiable), ``decod
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn

@@ -172,8 +172,9 @@ class SDFObject:
 # sphere tracing
 
 
-def trace(obj: SDFObject, origins: Tensor, dirs: Tensor, steps: int = 64, hit_eps: float = 1e-4,
-          accept: float = 2e-3) -> tuple[Tensor, Tensor]:
+def trace(
+    obj: SDFObject, origins: Tensor, dirs: Tensor, steps: int = 64, hit_eps: float = 1e-4, accept: float = 2e-3
+) -> tuple[Tensor, Tensor]:
     """Sphere-trace ``obj`` along rays (n, 3) (unit directions).
 
     Returns (hit (n,) bool, points (n, 3)); points of missed rays are undefined (zeros). Rays are
@@ -222,49 +223,127 @@ Z, X, Y = (0.0, 0.0, 1.0), (1.0, 0.0, 0.0), (0.0, 1.0, 0.0)
 def _face(head_c: tuple[float, float, float], head_r: float, color: tuple = BLACK) -> list[Primitive]:
     """Two eyes and a carrot nose on the +x side of a head sphere."""
     hx, hy, hz = head_c
-    eye = lambda s: Primitive("sphere", (0.032,), (hx + 0.85 * head_r, hy + s * 0.38 * head_r,  # noqa: E731
-                                                    hz + 0.3 * head_r), color=color)
-    nose = Primitive("capsule", (0.05, 0.036), (hx + head_r + 0.02, hy, hz), rotation=_rotation(Y, 90.0),
-                     color=ORANGE)
+
+    def eye(s: float) -> Primitive:
+        return Primitive(
+            "sphere",
+            (0.032,),
+            (
+                hx + 0.85 * head_r,
+                hy + s * 0.38 * head_r,
+                hz + 0.3 * head_r,
+            ),
+            color=color,
+        )
+
+    nose = Primitive("capsule", (0.05, 0.036), (hx + head_r + 0.02, hy, hz), rotation=_rotation(Y, 90.0), color=ORANGE)
     return [eye(1.0), eye(-1.0), nose]
 
 
 def _catalogue_templates() -> dict[str, list[SDFObject]]:
     ball = [
         SDFObject("plain ball", [Primitive("sphere", (0.42,), color=RED)]),
-        SDFObject("striped ball", [Primitive("sphere", (0.36,), (0.0, 0.0, -0.06), color=RED, color2=WHITE,
-                                             pattern="band", p0=0.07)]),
-        SDFObject("big two-tone ball", [Primitive("sphere", (0.48,), color=DARK_RED, color2=RED, pattern="gradient",
-                                                  p0=0.48)]),
+        SDFObject(
+            "striped ball",
+            [Primitive("sphere", (0.36,), (0.0, 0.0, -0.06), color=RED, color2=WHITE, pattern="band", p0=0.07)],
+        ),
+        SDFObject(
+            "big two-tone ball", [Primitive("sphere", (0.48,), color=DARK_RED, color2=RED, pattern="gradient", p0=0.48)]
+        ),
     ]
     crate = [
-        SDFObject("cube crate", [Primitive("box", (0.34, 0.34, 0.34, 0.02), color=WOOD, color2=DARK_WOOD,
-                                           pattern="planks", p0=3.0)]),
-        SDFObject("long crate", [Primitive("box", (0.46, 0.3, 0.26, 0.02), rotation=_rotation(Z, 20.0), color=WOOD,
-                                           color2=DARK_WOOD, pattern="planks", p0=2.0)]),
-        SDFObject("turned crate", [Primitive("box", (0.3, 0.3, 0.3, 0.03), rotation=_rotation(Z, 45.0),
-                                             color=DARK_WOOD, color2=WOOD, pattern="planks", p0=4.0)]),
+        SDFObject(
+            "cube crate",
+            [Primitive("box", (0.34, 0.34, 0.34, 0.02), color=WOOD, color2=DARK_WOOD, pattern="planks", p0=3.0)],
+        ),
+        SDFObject(
+            "long crate",
+            [
+                Primitive(
+                    "box",
+                    (0.46, 0.3, 0.26, 0.02),
+                    rotation=_rotation(Z, 20.0),
+                    color=WOOD,
+                    color2=DARK_WOOD,
+                    pattern="planks",
+                    p0=2.0,
+                )
+            ],
+        ),
+        SDFObject(
+            "turned crate",
+            [
+                Primitive(
+                    "box",
+                    (0.3, 0.3, 0.3, 0.03),
+                    rotation=_rotation(Z, 45.0),
+                    color=DARK_WOOD,
+                    color2=WOOD,
+                    pattern="planks",
+                    p0=4.0,
+                )
+            ],
+        ),
     ]
     torus = [
         SDFObject("flat torus", [Primitive("torus", (0.38, 0.12), color=BLUE)]),
-        SDFObject("standing torus", [Primitive("torus", (0.34, 0.11), rotation=_rotation(Y, 90.0), color=BLUE,
-                                               color2=LIGHT_BLUE, pattern="band", p0=0.04)]),
-        SDFObject("tilted torus", [Primitive("torus", (0.3, 0.15), rotation=_rotation(X, 45.0), color=LIGHT_BLUE,
-                                             color2=BLUE, pattern="gradient", p0=0.15)]),
+        SDFObject(
+            "standing torus",
+            [
+                Primitive(
+                    "torus",
+                    (0.34, 0.11),
+                    rotation=_rotation(Y, 90.0),
+                    color=BLUE,
+                    color2=LIGHT_BLUE,
+                    pattern="band",
+                    p0=0.04,
+                )
+            ],
+        ),
+        SDFObject(
+            "tilted torus",
+            [
+                Primitive(
+                    "torus",
+                    (0.3, 0.15),
+                    rotation=_rotation(X, 45.0),
+                    color=LIGHT_BLUE,
+                    color2=BLUE,
+                    pattern="gradient",
+                    p0=0.15,
+                )
+            ],
+        ),
     ]
     snow = [
-        SDFObject("two-ball snowman", [Primitive("sphere", (0.3,), (0.0, 0.0, -0.22), color=WHITE),
-                                       Primitive("sphere", (0.2,), (0.0, 0.0, 0.22), color=WHITE),
-                                       *_face((0.0, 0.0, 0.22), 0.2)]),
-        SDFObject("three-ball snowman", [Primitive("sphere", (0.26,), (0.0, 0.0, -0.3), color=WHITE),
-                                         Primitive("sphere", (0.19,), (0.0, 0.0, 0.05), color=WHITE),
-                                         Primitive("sphere", (0.14,), (0.0, 0.0, 0.33), color=WHITE),
-                                         *_face((0.0, 0.0, 0.33), 0.14)]),
-        SDFObject("snowman with a hat", [Primitive("sphere", (0.28,), (0.0, 0.0, -0.25), color=WHITE),
-                                         Primitive("sphere", (0.19,), (0.0, 0.0, 0.17), color=WHITE),
-                                         Primitive("cylinder", (0.015, 0.19), (0.0, 0.0, 0.34), color=BLACK),
-                                         Primitive("cylinder", (0.08, 0.12), (0.0, 0.0, 0.42), color=BLACK),
-                                         *_face((0.0, 0.0, 0.17), 0.19)]),
+        SDFObject(
+            "two-ball snowman",
+            [
+                Primitive("sphere", (0.3,), (0.0, 0.0, -0.22), color=WHITE),
+                Primitive("sphere", (0.2,), (0.0, 0.0, 0.22), color=WHITE),
+                *_face((0.0, 0.0, 0.22), 0.2),
+            ],
+        ),
+        SDFObject(
+            "three-ball snowman",
+            [
+                Primitive("sphere", (0.26,), (0.0, 0.0, -0.3), color=WHITE),
+                Primitive("sphere", (0.19,), (0.0, 0.0, 0.05), color=WHITE),
+                Primitive("sphere", (0.14,), (0.0, 0.0, 0.33), color=WHITE),
+                *_face((0.0, 0.0, 0.33), 0.14),
+            ],
+        ),
+        SDFObject(
+            "snowman with a hat",
+            [
+                Primitive("sphere", (0.28,), (0.0, 0.0, -0.25), color=WHITE),
+                Primitive("sphere", (0.19,), (0.0, 0.0, 0.17), color=WHITE),
+                Primitive("cylinder", (0.015, 0.19), (0.0, 0.0, 0.34), color=BLACK),
+                Primitive("cylinder", (0.08, 0.12), (0.0, 0.0, 0.42), color=BLACK),
+                *_face((0.0, 0.0, 0.17), 0.19),
+            ],
+        ),
     ]
     return {"a red ball": ball, "a wooden crate": crate, "a blue torus": torus, "a snowman": snow}
 
@@ -281,11 +360,24 @@ def _jitter(obj: SDFObject, g: torch.Generator, amount: float) -> SDFObject:
     prims = []
     for p in obj.primitives:
         centre = (turn @ torch.tensor(p.center, dtype=torch.float64) * scale).tolist()
-        params = tuple(v * scale for v in p.params[:3]) + tuple(p.params[3:]) if p.kind == "box" else \
-            tuple(v * scale for v in p.params)
+        params = (
+            tuple(v * scale for v in p.params[:3]) + tuple(p.params[3:])
+            if p.kind == "box"
+            else tuple(v * scale for v in p.params)
+        )
         col = lambda c: tuple(min(max(ci + di, 0.05), 0.95) for ci, di in zip(c, dcol))  # noqa: E731
-        prims.append(Primitive(p.kind, params, tuple(centre), turn @ p.rotation, col(p.color), col(p.color2),
-                               p.pattern, p.p0 * scale if p.pattern in ("band", "gradient") else p.p0))
+        prims.append(
+            Primitive(
+                p.kind,
+                params,
+                tuple(centre),
+                turn @ p.rotation,
+                col(p.color),
+                col(p.color2),
+                p.pattern,
+                p.p0 * scale if p.pattern in ("band", "gradient") else p.p0,
+            )
+        )
     return SDFObject(obj.name, prims)
 
 

@@ -24,9 +24,10 @@ import hashlib
 import json
 import os
 import warnings
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -37,14 +38,26 @@ from distill.priors.base import DiffusionPrior, PriorError, scaled_linear_alphas
 DEFAULT_MODEL = "stabilityai/stable-diffusion-2-1-base"
 
 _DTYPES = {
-    "fp32": torch.float32, "float32": torch.float32,
-    "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
-    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+    "half": torch.float16,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
 }
 _ATTENTION = ("sdpa", "slicing", "eager", "xformers")
 # stabilityai/stable-diffusion-2-1-base scheduler/scheduler_config.json (as a DDIM scheduler)
-SD21_SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                      clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon")
+SD21_SCHEDULER = dict(
+    num_train_timesteps=1000,
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    clip_sample=False,
+    set_alpha_to_one=False,
+    steps_offset=1,
+    prediction_type="epsilon",
+)
 _TRUE = {"1", "true", "yes", "on"}
 
 
@@ -54,8 +67,10 @@ def hub_offline() -> bool:
     Read at call time, not at import time as huggingface_hub does, so a test or a launcher that
     sets the variable late is still honoured.
     """
-    return any(os.environ.get(k, "").strip().lower() in _TRUE
-               for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "DIFFUSERS_OFFLINE"))
+    return any(
+        os.environ.get(k, "").strip().lower() in _TRUE
+        for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "DIFFUSERS_OFFLINE")
+    )
 
 
 def resolve_dtype(name: str | torch.dtype, device: torch.device) -> torch.dtype:
@@ -136,13 +151,16 @@ class StableDiffusionPrior(DiffusionPrior):
             if self.vae_posterior not in ("sample", "mean"):
                 raise PriorError(f"prior.vae_posterior={self.vae_posterior!r} must be 'sample' or 'mean'")
             if self.resolution is not None and (self.resolution < 0 or self.resolution % 8):
-                raise PriorError(f"prior.resolution={self.resolution} must be 0 (keep the render size) or a "
-                                 f"positive multiple of 8 (512 for SD 2.1-base)")
+                raise PriorError(
+                    f"prior.resolution={self.resolution} must be 0 (keep the render size) or a "
+                    f"positive multiple of 8 (512 for SD 2.1-base)"
+                )
             if self.compile_mode not in ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"):
                 raise PriorError(f"prior.compile_mode={self.compile_mode!r} is not a torch.compile mode")
 
-    def __init__(self, cfg: "StableDiffusionPrior.Config | None" = None, device: str | torch.device | None = None,
-                 **overrides: Any):
+    def __init__(
+        self, cfg: StableDiffusionPrior.Config | None = None, device: str | torch.device | None = None, **overrides: Any
+    ):
         cfg = self._make_config(cfg, overrides)
         cfg.validate()
         dev = _pick_device(device)
@@ -151,9 +169,17 @@ class StableDiffusionPrior(DiffusionPrior):
         self._setup(cfg, dev, dtype, pipe.unet, pipe.vae, pipe.scheduler, pipe.text_encoder, pipe.tokenizer)
 
     @classmethod
-    def from_components(cls, unet, vae, scheduler=None, text_encoder=None, tokenizer=None,
-                        cfg: "StableDiffusionPrior.Config | None" = None, device: str | torch.device | None = None,
-                        **overrides: Any) -> "StableDiffusionPrior":
+    def from_components(
+        cls,
+        unet,
+        vae,
+        scheduler=None,
+        text_encoder=None,
+        tokenizer=None,
+        cfg: StableDiffusionPrior.Config | None = None,
+        device: str | torch.device | None = None,
+        **overrides: Any,
+    ) -> StableDiffusionPrior:
         """Wrap diffusers modules that are already built (benchmarks with random weights, custom
         checkpoints). ``scheduler`` defaults to SD 2.1's DDIM config; without a text encoder
         ``embed_prompts`` raises and embeddings must be passed to ``eps`` directly. The modules
@@ -207,8 +233,9 @@ class StableDiffusionPrior(DiffusionPrior):
             self.unet.to(memory_format=torch.channels_last)
             self.vae.to(memory_format=torch.channels_last)
         # the compiled callable is kept out of the module tree (no duplicate parameters)
-        self.__dict__["_unet_call"] = (torch.compile(self.unet, mode=cfg.compile_mode)
-                                       if cfg.torch_compile else self.unet)
+        self.__dict__["_unet_call"] = (
+            torch.compile(self.unet, mode=cfg.compile_mode) if cfg.torch_compile else self.unet
+        )
         self._memory_cache: dict[str, Tensor] = {}
         self._fingerprint: str | None = None
         self.reset_counters()
@@ -218,7 +245,7 @@ class StableDiffusionPrior(DiffusionPrior):
 
     # ------------------------------------------------------------------ construction helpers
     @classmethod
-    def _make_config(cls, cfg: Any, overrides: dict[str, Any]) -> "StableDiffusionPrior.Config":
+    def _make_config(cls, cfg: Any, overrides: dict[str, Any]) -> StableDiffusionPrior.Config:
         names = {f.name for f in fields(cls.Config)}
         overrides = {k: v for k, v in overrides.items() if k != "_target_"}
         unknown = sorted(set(overrides) - names)
@@ -235,7 +262,7 @@ class StableDiffusionPrior(DiffusionPrior):
         return replace(cfg, **overrides)
 
     @staticmethod
-    def _load_pipeline(cfg: "StableDiffusionPrior.Config", dtype: torch.dtype):
+    def _load_pipeline(cfg: StableDiffusionPrior.Config, dtype: torch.dtype):
         try:
             from diffusers import StableDiffusionPipeline
         except Exception as e:  # noqa: BLE001 - report any import failure the same way
@@ -248,7 +275,8 @@ class StableDiffusionPrior(DiffusionPrior):
             if not local.is_dir() or not (local / "model_index.json").is_file():
                 raise PriorError(
                     f"prior.model={model!r} exists but is not a diffusers pipeline directory (no "
-                    f"model_index.json). {fetch_hint(model)}")
+                    f"model_index.json). {fetch_hint(model)}"
+                )
             source = str(local.resolve())
         elif _looks_like_path(model):
             raise PriorError(f"prior.model={model!r}: no such local directory. {fetch_hint(model)}")
@@ -256,8 +284,13 @@ class StableDiffusionPrior(DiffusionPrior):
             source = model
 
         kwargs: dict[str, Any] = dict(
-            revision=cfg.revision, variant=cfg.variant, local_files_only=offline, cache_dir=cfg.hf_cache_dir,
-            safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+            revision=cfg.revision,
+            variant=cfg.variant,
+            local_files_only=offline,
+            cache_dir=cfg.hf_cache_dir,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
         )
         kwargs[_dtype_kwarg()] = dtype
         try:
@@ -265,14 +298,19 @@ class StableDiffusionPrior(DiffusionPrior):
         except torch.OutOfMemoryError:
             raise
         except Exception as e:  # noqa: BLE001 - hub / diffusers raise many types; re-raise one clearly
-            where = "the local directory" if source != model or local.exists() else (
-                "the local Hugging Face cache (offline)" if offline else "the Hugging Face hub")
+            where = (
+                "the local directory"
+                if source != model or local.exists()
+                else ("the local Hugging Face cache (offline)" if offline else "the Hugging Face hub")
+            )
             raise PriorError(
                 f"could not load Stable Diffusion weights prior.model={model!r} "
                 f"(revision={cfg.revision!r}, variant={cfg.variant!r}) from {where}: "
                 f"{type(e).__name__}: {str(e).strip()[:400].rstrip('.')}. {fetch_hint(model)}"
             ) from e
-        missing = [n for n in ("unet", "vae", "text_encoder", "tokenizer", "scheduler") if getattr(pipe, n, None) is None]
+        missing = [
+            n for n in ("unet", "vae", "text_encoder", "tokenizer", "scheduler") if getattr(pipe, n, None) is None
+        ]
         if missing:
             raise PriorError(f"prior.model={model!r} loaded without {missing}. {fetch_hint(model)}")
         return pipe
@@ -299,7 +337,7 @@ class StableDiffusionPrior(DiffusionPrior):
             raise PriorError(f"scheduler prediction_type={pred!r} is not supported (epsilon, v_prediction, sample)")
         return ac, pred
 
-    def _configure_attention(self, cfg: "StableDiffusionPrior.Config") -> None:
+    def _configure_attention(self, cfg: StableDiffusionPrior.Config) -> None:
         if cfg.attention == "eager":
             from diffusers.models.attention_processor import AttnProcessor
 
@@ -315,7 +353,7 @@ class StableDiffusionPrior(DiffusionPrior):
             self.unet.set_attention_slice("auto")
 
     # ------------------------------------------------------------------ nn.Module behaviour
-    def train(self, mode: bool = True) -> "StableDiffusionPrior":
+    def train(self, mode: bool = True) -> StableDiffusionPrior:
         """The networks stay in eval mode whatever the caller asks (they are frozen)."""
         super().train(mode)
         for m in self._networks():
@@ -324,7 +362,11 @@ class StableDiffusionPrior(DiffusionPrior):
 
     def _apply(self, fn, recurse: bool = True):
         # keep the text encoder where low_memory put it (CPU, fp32) when the prior is moved
-        if getattr(self, "cfg", None) is not None and self.cfg.low_memory and self._modules.get("text_encoder") is not None:
+        if (
+            getattr(self, "cfg", None) is not None
+            and self.cfg.low_memory
+            and self._modules.get("text_encoder") is not None
+        ):
             te = self._modules.pop("text_encoder")
             try:
                 return super()._apply(fn, recurse)
@@ -342,8 +384,10 @@ class StableDiffusionPrior(DiffusionPrior):
         if res and tuple(images.shape[-2:]) != (res, res):
             images = F.interpolate(images, (res, res), mode="bilinear", align_corners=False)
         elif not res and (images.shape[-1] % 8 or images.shape[-2] % 8):
-            raise PriorError(f"render size {tuple(images.shape[-2:])} must be a multiple of 8 with "
-                             f"prior.resolution=0; set prior.resolution=512")
+            raise PriorError(
+                f"render size {tuple(images.shape[-2:])} must be a multiple of 8 with "
+                f"prior.resolution=0; set prior.resolution=512"
+            )
         return images
 
     def encode(self, images: Tensor) -> Tensor:
@@ -377,7 +421,9 @@ class StableDiffusionPrior(DiffusionPrior):
             t = t.expand(N)
         t = t.long()
         if t.shape[0] != N or embeddings.shape[0] != N:
-            raise PriorError(f"eps: x_t has {N} rows, t {t.shape[0]}, embeddings {embeddings.shape[0]}: they must match")
+            raise PriorError(
+                f"eps: x_t has {N} rows, t {t.shape[0]}, embeddings {embeddings.shape[0]}: they must match"
+            )
         x = x_t.to(self.device, self.dtype)
         if self.cfg.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
@@ -411,8 +457,17 @@ class StableDiffusionPrior(DiffusionPrior):
 
     def embedding_key(self, prompt: str) -> str:
         te_dtype = str(next(self.text_encoder.parameters()).dtype)
-        key = json.dumps([self.model_id, self.cfg.revision, self.cfg.variant, te_dtype, self.max_length,
-                          self.weights_fingerprint(), prompt])
+        key = json.dumps(
+            [
+                self.model_id,
+                self.cfg.revision,
+                self.cfg.variant,
+                te_dtype,
+                self.max_length,
+                self.weights_fingerprint(),
+                prompt,
+            ]
+        )
         return hashlib.sha256(key.encode("utf-8")).hexdigest()
 
     def _cache_dir(self) -> Path | None:
@@ -423,8 +478,10 @@ class StableDiffusionPrior(DiffusionPrior):
     def embed_prompts(self, prompts: Sequence[str]) -> Tensor:
         """Prompts -> (N, 77, dim) float32 last hidden states of the CLIP text encoder."""
         if self.text_encoder is None or self.tokenizer is None:
-            raise PriorError("this StableDiffusionPrior was built without a text encoder/tokenizer "
-                             "(from_components); pass embeddings to eps() directly")
+            raise PriorError(
+                "this StableDiffusionPrior was built without a text encoder/tokenizer "
+                "(from_components); pass embeddings to eps() directly"
+            )
         if isinstance(prompts, str):
             prompts = [prompts]
         prompts = list(prompts)
@@ -449,13 +506,17 @@ class StableDiffusionPrior(DiffusionPrior):
                 todo.setdefault(p, []).append(i)
         if todo:
             new = list(todo)
-            tok = self.tokenizer(new, padding="max_length", max_length=self.max_length, truncation=True,
-                                 return_tensors="pt")
+            tok = self.tokenizer(
+                new, padding="max_length", max_length=self.max_length, truncation=True, return_tensors="pt"
+            )
             for p in new:
                 n_tok = len(self.tokenizer(p, truncation=False).input_ids)
                 if n_tok > self.max_length:
-                    warnings.warn(f"prompt {p!r} has {n_tok} tokens; the text encoder sees the first "
-                                  f"{self.max_length} (including start/end tokens)", stacklevel=2)
+                    warnings.warn(
+                        f"prompt {p!r} has {n_tok} tokens; the text encoder sees the first "
+                        f"{self.max_length} (including start/end tokens)",
+                        stacklevel=2,
+                    )
             te_dev = next(self.text_encoder.parameters()).device
             emb = self.text_encoder(tok.input_ids.to(te_dev))[0].float().cpu()
             for j, p in enumerate(new):
@@ -471,8 +532,9 @@ class StableDiffusionPrior(DiffusionPrior):
         try:
             cache_dir.mkdir(parents=True, exist_ok=True)
             tmp = cache_dir / f".{key}.{os.getpid()}.tmp"
-            torch.save({"embedding": emb.clone(), "prompt": prompt, "model": self.model_id,
-                        "revision": self.cfg.revision}, tmp)
+            torch.save(
+                {"embedding": emb.clone(), "prompt": prompt, "model": self.model_id, "revision": self.cfg.revision}, tmp
+            )
             os.replace(tmp, cache_dir / f"{key}.pt")  # atomic: concurrent jobs may share the cache
         except OSError as e:
             warnings.warn(f"could not write the text-embedding cache in {cache_dir}: {e}", stacklevel=3)
@@ -486,8 +548,11 @@ class StableDiffusionPrior(DiffusionPrior):
 
     def __repr__(self) -> str:  # the default would print every UNet layer
         c = self.cfg
-        return (f"{type(self).__name__}(model={c.model!r}, dtype={self.dtype}, resolution={c.resolution}, attention={c.attention}, "
-                f"prediction_type={self.prediction_type}, low_memory={c.low_memory}, device={self.device})")
+        return (
+            f"{type(self).__name__}(model={c.model!r}, dtype={self.dtype}, resolution={c.resolution}, "
+            f"attention={c.attention}, "
+            f"prediction_type={self.prediction_type}, low_memory={c.low_memory}, device={self.device})"
+        )
 
     def config_dict(self) -> dict[str, Any]:
         return asdict(self.cfg)

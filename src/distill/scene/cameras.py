@@ -32,8 +32,7 @@ class CameraSamplerConfig:
             lo, hi = getattr(self, name)
             if lo > hi:
                 raise ValueError(
-                    f"{where}.{name}=[{lo}, {hi}] is out of order: the first value is the minimum, "
-                    f"write [{hi}, {lo}]"
+                    f"{where}.{name}=[{lo}, {hi}] is out of order: the first value is the minimum, write [{hi}, {lo}]"
                 )
         if not (0.0 < self.fovy_deg[0] and self.fovy_deg[1] < 180.0):
             raise ValueError(f"{where}.fovy_deg={list(self.fovy_deg)} must lie inside (0, 180) degrees")
@@ -70,16 +69,32 @@ class Cameras:
     def positions(self) -> Tensor:
         return self.c2w[:, :3, 3]
 
-    def to(self, device: torch.device | str) -> "Cameras":
+    def to(self, device: torch.device | str) -> Cameras:
         lp = None if self.light_positions is None else self.light_positions.to(device)
-        return Cameras(self.c2w.to(device), self.fovy.to(device), self.elevation.to(device),
-                       self.azimuth.to(device), self.distance.to(device), self.height, self.width, lp)
+        return Cameras(
+            self.c2w.to(device),
+            self.fovy.to(device),
+            self.elevation.to(device),
+            self.azimuth.to(device),
+            self.distance.to(device),
+            self.height,
+            self.width,
+            lp,
+        )
 
-    def __getitem__(self, idx) -> "Cameras":
+    def __getitem__(self, idx) -> Cameras:
         idx = torch.as_tensor([idx]) if isinstance(idx, int) else idx
         lp = None if self.light_positions is None else self.light_positions[idx]
-        return Cameras(self.c2w[idx], self.fovy[idx], self.elevation[idx], self.azimuth[idx],
-                       self.distance[idx], self.height, self.width, lp)
+        return Cameras(
+            self.c2w[idx],
+            self.fovy[idx],
+            self.elevation[idx],
+            self.azimuth[idx],
+            self.distance[idx],
+            self.height,
+            self.width,
+            lp,
+        )
 
     def focal(self) -> Tensor:
         """Focal length in pixels, (B,)."""
@@ -89,8 +104,9 @@ class Cameras:
         """World-space ray origins and unit directions through pixel centres, each (B, H, W, 3)."""
         B, H, W = len(self), self.height, self.width
         dev, dt = self.c2w.device, self.c2w.dtype
-        j, i = torch.meshgrid(torch.arange(H, device=dev, dtype=dt), torch.arange(W, device=dev, dtype=dt),
-                              indexing="ij")
+        j, i = torch.meshgrid(
+            torch.arange(H, device=dev, dtype=dt), torch.arange(W, device=dev, dtype=dt), indexing="ij"
+        )
         f = self.focal().to(dt).view(B, 1, 1)
         x = (i + 0.5 - 0.5 * W) / f
         y = -(j + 0.5 - 0.5 * H) / f
@@ -120,8 +136,9 @@ def look_at(positions: Tensor, target: Tensor | None = None, up: Tensor | None =
     return c2w
 
 
-def cameras_from_spherical(elevation_deg: Tensor, azimuth_deg: Tensor, distance: Tensor, fovy_deg: Tensor,
-                           height: int, width: int) -> Cameras:
+def cameras_from_spherical(
+    elevation_deg: Tensor, azimuth_deg: Tensor, distance: Tensor, fovy_deg: Tensor, height: int, width: int
+) -> Cameras:
     """Cameras at the given spherical coordinates (degrees), looking at the origin."""
     e, a = torch.deg2rad(elevation_deg), torch.deg2rad(azimuth_deg)
     pos = distance[:, None] * torch.stack([torch.cos(e) * torch.cos(a), torch.cos(e) * torch.sin(a), torch.sin(e)], -1)
@@ -133,8 +150,9 @@ def _uniform(lo: float, hi: float, n: int, generator: torch.Generator | None) ->
     return lo + (hi - lo) * torch.rand(n, generator=generator, dtype=torch.float32)
 
 
-def sample_cameras(cfg: CameraSamplerConfig, generator: torch.Generator | None = None,
-                   device: torch.device | str = "cpu") -> Cameras:
+def sample_cameras(
+    cfg: CameraSamplerConfig, generator: torch.Generator | None = None, device: torch.device | str = "cpu"
+) -> Cameras:
     """Random training cameras, uniform in each range (elevation uniform in degrees, as threestudio)."""
     n = cfg.batch_size
     dist = _uniform(*cfg.distance, n, generator)
@@ -144,8 +162,15 @@ def sample_cameras(cfg: CameraSamplerConfig, generator: torch.Generator | None =
     return cameras_from_spherical(elev, azim, dist, fovy, cfg.height, cfg.width).to(device)
 
 
-def orbit_cameras(n_views: int, height: int, width: int, elevation_deg: float = 15.0, distance: float = 1.75,
-                  fovy_deg: float = 55.0, device: torch.device | str = "cpu") -> Cameras:
+def orbit_cameras(
+    n_views: int,
+    height: int,
+    width: int,
+    elevation_deg: float = 15.0,
+    distance: float = 1.75,
+    fovy_deg: float = 55.0,
+    device: torch.device | str = "cpu",
+) -> Cameras:
     """``n_views`` cameras evenly spaced in azimuth on one orbit (evaluation, turntables)."""
     azim = torch.arange(n_views, dtype=torch.float32) * (360.0 / n_views) - 180.0
     full = lambda v: torch.full((n_views,), float(v))  # noqa: E731

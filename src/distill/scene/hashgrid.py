@@ -127,8 +127,9 @@ class HashGrid(nn.Module):
         b = self.cfg.backend
         return b == "tcnn" or (b == "auto" and _tcnn is not None and x.is_cuda)
 
-    def forward(self, x: Tensor, with_jacobian: bool = False,
-                pad_inactive: bool = True) -> Tensor | tuple[Tensor, Tensor]:
+    def forward(
+        self, x: Tensor, with_jacobian: bool = False, pad_inactive: bool = True
+    ) -> Tensor | tuple[Tensor, Tensor]:
         """Encoding (N, L*F); with ``with_jacobian`` also jac (3, N, L*F), jac[k] = d enc / d x_k (torch backend).
 
         ``pad_inactive=False`` returns only the active levels' columns, (N, active_levels*F): the
@@ -181,8 +182,10 @@ class HashGrid(nn.Module):
 
     def _forward_torch(self, x: Tensor, with_jacobian: bool, pad_inactive: bool) -> Tensor | tuple[Tensor, Tensor]:
         if with_jacobian and x.requires_grad:
-            raise ValueError("with_jacobian=True returns d enc/dx, which is not differentiable w.r.t. x; "
-                             "pass points that do not require grad")
+            raise ValueError(
+                "with_jacobian=True returns d enc/dx, which is not differentiable w.r.t. x; "
+                "pass points that do not require grad"
+            )
         A, L = int(self.active_levels), self.cfg.n_levels
         F_ = self.cfg.n_features_per_level
         N = x.shape[0]
@@ -211,19 +214,27 @@ class HashGrid(nn.Module):
             raise ValueError("the tcnn hash-grid backend needs CUDA inputs; use encoding.backend='torch' on CPU")
         if self._tcnn_native is None:
             c = self.cfg
-            module = _tcnn.Encoding(3, {
-                "otype": "HashGrid", "n_levels": c.n_levels, "n_features_per_level": c.n_features_per_level,
-                "log2_hashmap_size": c.log2_hashmap_size, "base_resolution": c.base_resolution,
-                "per_level_scale": c.per_level_scale,
-            }, dtype=torch.float32)
+            module = _tcnn.Encoding(
+                3,
+                {
+                    "otype": "HashGrid",
+                    "n_levels": c.n_levels,
+                    "n_features_per_level": c.n_features_per_level,
+                    "log2_hashmap_size": c.log2_hashmap_size,
+                    "base_resolution": c.base_resolution,
+                    "per_level_scale": c.per_level_scale,
+                },
+                dtype=torch.float32,
+            )
             n_tcnn = module.params.numel()
             if n_tcnn != self.params.numel():
-                raise RuntimeError(f"tcnn HashGrid has {n_tcnn} parameters, the torch layout {self.params.numel()}: "
-                                   "the level layouts disagree")
+                raise RuntimeError(
+                    f"tcnn HashGrid has {n_tcnn} parameters, the torch layout {self.params.numel()}: "
+                    "the level layouts disagree"
+                )
             # keep tcnn's native object only (its own Parameter stays unregistered: ours is used)
             native = module.native_tcnn_module
-            self._tcnn_native = (native, _tcnn_precision(native.param_precision()),
-                                 getattr(module, "loss_scale", 1.0))
+            self._tcnn_native = (native, _tcnn_precision(native.param_precision()), getattr(module, "loss_scale", 1.0))
         native, precision, loss_scale = self._tcnn_native
         n = x.shape[0]
         gran = int(_tcnn_modules._C.batch_size_granularity())
@@ -257,8 +268,9 @@ def _interpolate(C: Tensor, f: Tensor, with_jacobian: bool) -> tuple[Tensor, Ten
     return val, torch.stack([jx, jy, dz])
 
 
-def _scatter_interpolate_grad(g_params: Tensor, idx: Tensor, f: Tensor, g_val: Tensor | None,
-                              g_jac: Tensor | None) -> None:
+def _scatter_interpolate_grad(
+    g_params: Tensor, idx: Tensor, f: Tensor, g_val: Tensor | None, g_jac: Tensor | None
+) -> None:
     """Add to g_params (F, T) the gradient w.r.t. the corner values of <g_val, val> + <g_jac, d val/d f>.
 
     Corner (z, y, x) receives w_z w_y w_x g_val + s_x w_z w_y g_jx + w_z s_y w_x g_jy + s_z w_y w_x g_jz
@@ -316,7 +328,6 @@ class _Trilinear(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, g_val: Tensor | None, g_jac: Tensor | None = None):
         idx, f, row_scale, djac = ctx.saved_tensors
-        F_ = ctx.params_shape[0]
         g_params = g_f = None
         if ctx.needs_input_grad[0] and (g_val is not None or g_jac is not None):
             gj = g_jac * row_scale if g_jac is not None else None

@@ -39,7 +39,9 @@ class ImageScene(nn.Module):
             init = torch.rand((1, 3, cfg.height, cfg.width))
         self.image = nn.Parameter(init)
 
-    def render(self, cameras=None, generator: torch.Generator | None = None, shading: str | None = None) -> dict[str, Tensor]:
+    def render(
+        self, cameras=None, generator: torch.Generator | None = None, shading: str | None = None
+    ) -> dict[str, Tensor]:
         return {"rgb": self.image}
 
     def update_step(self, step: int, max_steps: int) -> None:

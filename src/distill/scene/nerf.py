@@ -147,13 +147,20 @@ class MLP(nn.Module):
 def spherical_harmonics_deg3(d: Tensor) -> Tensor:
     """Real SH basis up to l=2 (9 values) of unit directions d (N, 3), tcnn's constants and signs."""
     x, y, z = d.unbind(-1)
-    return torch.stack([
-        torch.full_like(x, 0.28209479177387814),
-        -0.48860251190291987 * y, 0.48860251190291987 * z, -0.48860251190291987 * x,
-        1.0925484305920792 * x * y, -1.0925484305920792 * y * z,
-        0.94617469575755997 * z * z - 0.31539156525251999,
-        -1.0925484305920792 * x * z, 0.54627421529603959 * (x * x - y * y),
-    ], dim=-1)
+    return torch.stack(
+        [
+            torch.full_like(x, 0.28209479177387814),
+            -0.48860251190291987 * y,
+            0.48860251190291987 * z,
+            -0.48860251190291987 * x,
+            1.0925484305920792 * x * y,
+            -1.0925484305920792 * y * z,
+            0.94617469575755997 * z * z - 0.31539156525251999,
+            -1.0925484305920792 * x * z,
+            0.54627421529603959 * (x * x - y * y),
+        ],
+        dim=-1,
+    )
 
 
 class Background(nn.Module):
@@ -196,14 +203,20 @@ class NeRFScene(nn.Module):
         seed: int = 0  # parameter initialisation and occupancy-grid jitter
 
         def validate(self, where: str = "scene") -> None:
-            checks = (("density_activation", DENSITY_ACTIVATIONS), ("density_bias", DENSITY_BIASES),
-                      ("normal_type", NORMAL_TYPES), ("shading", TRAIN_SHADINGS))
+            checks = (
+                ("density_activation", DENSITY_ACTIVATIONS),
+                ("density_bias", DENSITY_BIASES),
+                ("normal_type", NORMAL_TYPES),
+                ("shading", TRAIN_SHADINGS),
+            )
             for name, allowed in checks:
                 if getattr(self, name) not in allowed:
                     raise ValueError(f"{where}.{name}={getattr(self, name)!r} is not one of {list(allowed)}")
             if self.regularisers.convexity_normals not in CONVEXITY_NORMALS:
-                raise ValueError(f"{where}.regularisers.convexity_normals={self.regularisers.convexity_normals!r} "
-                                 f"is not one of {list(CONVEXITY_NORMALS)}")
+                raise ValueError(
+                    f"{where}.regularisers.convexity_normals={self.regularisers.convexity_normals!r} "
+                    f"is not one of {list(CONVEXITY_NORMALS)}"
+                )
             if self.radius <= 0:
                 raise ValueError(f"{where}.radius={self.radius} must be positive")
             m = self.material
@@ -215,7 +228,7 @@ class NeRFScene(nn.Module):
             self.encoding.validate(f"{where}.encoding")
             self.renderer.validate(f"{where}.renderer")
 
-    def __init__(self, cfg: "NeRFScene.Config | dict | None" = None):
+    def __init__(self, cfg: NeRFScene.Config | dict | None = None):
         super().__init__()
         cfg = _as_config(cfg)
         cfg.validate()
@@ -315,8 +328,9 @@ class NeRFScene(nn.Module):
             return "albedo"
         return "textureless" if float(u[1]) < m.textureless_prob else "lambertian"
 
-    def render(self, cameras: Cameras, generator: torch.Generator | None = None,
-               shading: str | None = None) -> dict[str, Tensor]:
+    def render(
+        self, cameras: Cameras, generator: torch.Generator | None = None, shading: str | None = None
+    ) -> dict[str, Tensor]:
         """Render a camera batch. ``shading=None``: training render (random shading, light and
         stratified jitter, all drawn from ``generator``); otherwise an evaluation render in that
         mode with midpoint samples and the light at the camera (unless cameras.light_positions).
@@ -425,9 +439,13 @@ class NeRFScene(nn.Module):
             "sparsity": (r.sparsity, lambda: losses.sparsity_loss(out["opacity"])),
             "opacity": (r.opacity, lambda: losses.opacity_loss(out["opacity"])),
             "z_variance": (r.z_variance, lambda: losses.z_variance_loss(out["z_variance"], out["opacity"])),
-            "convexity": (r.convexity, lambda: losses.convexity_loss(
-                out["comp_normal"] if r.convexity_normals == "threestudio" else out["normal"],
-                r.convexity_resolution)),
+            "convexity": (
+                r.convexity,
+                lambda: losses.convexity_loss(
+                    out["comp_normal"] if r.convexity_normals == "threestudio" else out["normal"],
+                    r.convexity_resolution,
+                ),
+            ),
         }
         result = {}
         for name, (weight, fn) in terms.items():
@@ -437,15 +455,16 @@ class NeRFScene(nn.Module):
         return result
 
 
-def _rand(generator: torch.Generator | None, shape: tuple, device: torch.device, dtype: torch.dtype,
-          normal: bool = False) -> Tensor:
+def _rand(
+    generator: torch.Generator | None, shape: tuple, device: torch.device, dtype: torch.dtype, normal: bool = False
+) -> Tensor:
     """Uniform [0,1) (or standard normal) numbers from ``generator`` (global RNG when None)."""
     gdev = generator.device if generator is not None else torch.device("cpu")
     fn = torch.randn if normal else torch.rand
     return fn(shape, generator=generator, device=gdev).to(device=device, dtype=dtype)
 
 
-def _as_config(cfg) -> "NeRFScene.Config":
+def _as_config(cfg) -> NeRFScene.Config:
     if cfg is None:
         return NeRFScene.Config()
     if isinstance(cfg, NeRFScene.Config):

@@ -26,8 +26,8 @@ Occupancy grid (nerfacc's OccGridEstimator over the cube [-radius, radius]^3): e
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 from torch import Tensor, nn
@@ -161,9 +161,13 @@ class VolumeRenderer(nn.Module):
         ta, tb, valid = self._interval(origins, dirs)
         vidx = valid.nonzero().squeeze(1)
         out = {
-            "rgb": origins.new_zeros(R, 3), "opacity": origins.new_zeros(R, 1), "depth": origins.new_zeros(R, 1),
-            "z_variance": origins.new_zeros(R, 1), "orientation": origins.new_zeros(R, 1),
-            "normal_sum": origins.new_zeros(R, 3), "n_samples": torch.zeros((), dtype=torch.int64, device=dev),
+            "rgb": origins.new_zeros(R, 3),
+            "opacity": origins.new_zeros(R, 1),
+            "depth": origins.new_zeros(R, 1),
+            "z_variance": origins.new_zeros(R, 1),
+            "orientation": origins.new_zeros(R, 1),
+            "normal_sum": origins.new_zeros(R, 3),
+            "n_samples": torch.zeros((), dtype=torch.int64, device=dev),
         }
         if vidx.numel() == 0:
             return out
@@ -194,8 +198,14 @@ class VolumeRenderer(nn.Module):
         zvar = (w * (t - depth) ** 2).sum(1, keepdim=True)
         cos = (nrm * d[:, None, :]).sum(-1).clamp_min(0.0)
         orient = (w.detach() * cos**2).sum(1, keepdim=True)
-        vals = {"rgb": (w[..., None] * rgb).sum(1), "opacity": opacity, "depth": depth, "z_variance": zvar,
-                "orientation": orient, "normal_sum": (w[..., None] * nrm).sum(1)}
+        vals = {
+            "rgb": (w[..., None] * rgb).sum(1),
+            "opacity": opacity,
+            "depth": depth,
+            "z_variance": zvar,
+            "orientation": orient,
+            "normal_sum": (w[..., None] * nrm).sum(1),
+        }
         for k, v in vals.items():
             out[k] = out[k].to(v.dtype).index_put((vidx,), v)
         return out
