@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import math
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -47,6 +48,7 @@ def typed(node: Any, schema: type[T], where: str) -> T:
         key = getattr(e, "full_key", None) or ""
         msg = str(e).splitlines()[0]
         raise ConfigError(f"{where}.{key}: {msg}" if key else f"{where}: {msg}") from None
+    check_numbers(obj, where)
     validate = getattr(obj, "validate", None)
     if callable(validate):
         try:
@@ -54,6 +56,104 @@ def typed(node: Any, schema: type[T], where: str) -> T:
         except ValueError as e:
             raise ConfigError(str(e)) from None
     return obj
+
+
+def _is_rate(name: str) -> bool:
+    return name == "lr" or name.endswith("_lr") or name == "learning_rate"
+
+
+def check_numbers(value: Any, where: str, name: str = "") -> None:
+    """Every float of a typed config must be finite (nan / inf are never a setting: a CFG scale, a weight, a
+    threshold of inf or nan only surfaces as a diverged run later), and learning rates (``lr``, ``*_lr``) must be
+    > 0. Walks dataclasses, dicts, lists and tuples; raises ConfigError naming the key."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        for f in dataclasses.fields(value):
+            check_numbers(getattr(value, f.name), f"{where}.{f.name}", f.name)
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            check_numbers(v, f"{where}.{k}", str(k))
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            check_numbers(v, f"{where}[{i}]", name)
+    elif isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{where}={value}: must be a finite number")
+    if _is_rate(name) and isinstance(value, (int, float)) and not isinstance(value, bool) and value <= 0:
+        raise ConfigError(f"{where}={value}: a learning rate must be > 0")
+
+
+def _conf_dir():
+    from pathlib import Path
+
+    return Path(__file__).resolve().parents[2] / "conf"
+
+
+def _group_options(group: str) -> dict[str, dict]:
+    """option name -> its YAML (as a plain dict) for one config group of conf/."""
+    raw = {}
+    folder = _conf_dir() / group
+    for path in sorted(folder.glob("*.yaml")) if folder.is_dir() else []:
+        try:
+            raw[path.stem] = OmegaConf.to_container(OmegaConf.load(path), resolve=False) or {}
+        except Exception:  # noqa: BLE001 - a hint must never hide the real error
+            continue
+    options = {}
+    for name, option in raw.items():  # an option that extends another of its group (defaults: [nerf]) inherits it
+        bases = [d for d in option.get("defaults", []) if isinstance(d, str) and d in raw]
+        merged = OmegaConf.merge(*(raw[b] for b in bases), {k: v for k, v in option.items() if k != "defaults"})
+        options[name] = OmegaConf.to_container(merged, resolve=False) | {"defaults": option.get("defaults", [])}
+    return options
+
+
+def _target_of(option: dict, group: str) -> str | None:
+    node = option.get(group, option) if isinstance(option.get(group), dict) else option
+    return node.get("_target_") if isinstance(node, dict) else None
+
+
+def explain_group_conflict(cfg: Any, key: str) -> str:
+    """A hint for an unknown key that another config group put there (``scene.shading`` set by ``prior=analytic3d``
+    while ``scene=image`` does not have it): names both groups and the fix. Returns "" when no group explains it."""
+    group, _, field = key.partition(".")
+    field = field.split(".")[0]
+    if not field or group not in ("scene", "prior", "camera", "logger"):
+        return ""
+    node = cfg.get(group) if cfg is not None else None
+    target = node.get("_target_") if node is not None else None
+    here = [n for n, o in _group_options(group).items() if _target_of(o, group) == target] or ["?"]
+    accepting = [n for n, o in _group_options(group).items() if _accepts(o, group, field)]
+    for other in ("prior", "scene", "guidance", "camera"):
+        if other == group or cfg.get(other) is None:
+            continue
+        other_target = cfg[other].get("_target_")
+        for name, option in _group_options(other).items():
+            sets = option.get(group) if isinstance(option.get(group), dict) else {}
+            if field in sets and _target_of(option, other) == other_target:
+                two_d = [
+                    n
+                    for n, o in _group_options("experiment").items()
+                    if any(isinstance(d, dict) and d.get(f"override /{group}") in here for d in o.get("defaults", []))
+                ]
+                fix = f"with {other}={name} use {group}={' or '.join(accepting)}" if accepting else ""
+                if two_d:
+                    fix += (
+                        f"; for a {group}={here[0]} run use experiment={' or '.join(two_d)}, "
+                        f"which picks a {other} that fits it"
+                    )
+                return (
+                    f" -- {group}.{field} is set by {other}={name} (conf/{other}/{name}.yaml), and {group}={here[0]} "
+                    f"has no such key: {other}={name} and {group}={here[0]} do not fit together ({fix})"
+                )
+    return ""
+
+
+def _accepts(option: dict, group: str, field: str) -> bool:
+    target = _target_of(option, group)
+    if not target:
+        return False
+    try:
+        schema = getattr(get_class(target), "Config", None)
+    except Exception:  # noqa: BLE001
+        return False
+    return schema is not None and dataclasses.is_dataclass(schema) and field in _fields(schema)
 
 
 def component_class(node: Any, where: str) -> type:

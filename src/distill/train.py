@@ -13,6 +13,7 @@ a run re-launched in the same directory continues exactly where it stopped.
 from __future__ import annotations
 
 import logging
+import re
 import resource
 import time
 import traceback
@@ -25,7 +26,15 @@ import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from distill import rundir
-from distill.config import ConfigError, OptimizerConfig, TrainerConfig, build, component_config, typed
+from distill.config import (
+    ConfigError,
+    OptimizerConfig,
+    TrainerConfig,
+    build,
+    component_config,
+    explain_group_conflict,
+    typed,
+)
 from distill.ddim import InversionConfig
 from distill.guidance import CFGConfig, GuidanceConfig, ScoreDistillation
 from distill.kappa import KappaConfig, make_kappa
@@ -75,7 +84,11 @@ def check_run_config(cfg: DictConfig) -> RunSpec:
         seed=cfg.seed,
     )
     for where in ("prior", "scene", "logger"):
-        component_config(cfg[where], where)
+        try:
+            component_config(cfg[where], where)
+        except ConfigError as e:
+            key = str(e).split(":", 1)[0]
+            raise ConfigError(f"{e}{explain_group_conflict(cfg, key)}") from None
     return spec
 
 
@@ -86,6 +99,14 @@ def pick_device(name: str) -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"trainer.device={name!r} but CUDA is not available here; use trainer.device=cpu or auto")
     return dev
+
+
+def is_out_of_memory(e: BaseException) -> bool:
+    """A CUDA OOM, a CPU allocator failure ("DefaultCPUAllocator: can't allocate memory") or a MemoryError."""
+    if isinstance(e, (torch.cuda.OutOfMemoryError, MemoryError)):
+        return True
+    msg = str(e)
+    return isinstance(e, RuntimeError) and ("can't allocate memory" in msg or "CUDA out of memory" in msg)
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -144,6 +165,8 @@ class Trainer:
         self.is_3d = hasattr(self.scene, "density")
         self.step = 0
         self.resumed_from: int | None = None
+        self.start_reason = "not started"
+        self.diverged_detail: str | None = None
         self.seconds_before = 0.0
 
     # ----- state ---------------------------------------------------------------------------------
@@ -194,11 +217,24 @@ class Trainer:
             "diverged": False,
             "diverged_reason": None,
             "resumed_from_step": self.resumed_from,
+            "start": self.start_reason,
             "method": self.cfg.get("method", self.spec.guidance.name),
             "prompt": self.spec.prompt_text,
             "seed": self.spec.seed,
             "device": str(self.device),
         }
+
+    def oom_detail(self, e: BaseException) -> str:
+        """What ran out: the allocator's message (with the bytes it asked for) and the render size of this run."""
+        said = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        asked = re.search(r"(?:tried to allocate|allocate) ([0-9.]+ ?[KMGT]?i?B|[0-9]+ bytes)", said)
+        c = self.spec.camera
+        size = f"render {c.height}x{c.width}, batch {c.batch_size}" if self.is_3d else "2D scene"
+        return (
+            f"out of memory on {self.device} at step {self.step} ({size}"
+            + (f"; requested {asked.group(1)}" if asked else "")
+            + f"): {said[:300]}"
+        )
 
     # ----- the loop ------------------------------------------------------------------------------
     def fit(self, logger) -> dict[str, Any]:
@@ -214,7 +250,18 @@ class Trainer:
         if ckpt is not None:
             self.load(ckpt)
             self.t_start = time.time()
-            log.info("resumed %s from step %d", self.run_dir, self.step)
+            self.start_reason = f"resuming from step {self.step} (checkpoint in {self.run_dir})"
+        elif not tr.resume:
+            self.start_reason = "trainer.resume=false: starting at step 0"
+        elif previous.get("status") in ("running", "failed"):
+            # killed (SIGKILL, node failure) or crashed before its first periodic checkpoint: nothing to resume
+            self.start_reason = (
+                f"no checkpoint: starting at step 0 (a previous attempt ended as {previous['status']!r} "
+                f"before its first checkpoint; trainer.checkpoint_every={tr.checkpoint_every})"
+            )
+        else:
+            self.start_reason = "no checkpoint: starting at step 0"
+        log.info("%s: %s", self.run_dir, self.start_reason)
         metrics = self.base_metrics()
         rundir.write_metrics(self.run_dir, metrics)
         diverged = None
@@ -238,9 +285,14 @@ class Trainer:
                     snap = self.snapshot()
                     save_png(self.run_dir / "images" / f"step_{self.step:06d}.png", snap)
                     logger.log_image("progress", snap, self.step)
-        except torch.cuda.OutOfMemoryError:
+        except (RuntimeError, MemoryError) as e:
+            # the thesis counts out-of-memory runs as diverged: CUDA and CPU alike, and the sweep goes on
+            if not is_out_of_memory(e):
+                raise
             diverged = "oom"
-            torch.cuda.empty_cache()
+            self.diverged_detail = self.oom_detail(e)
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
         except (SystemExit, KeyboardInterrupt):
             # preempted / timed out (submitit raises SystemExit after asking SLURM to requeue):
             # keep every finished step, the requeued job resumes from here. An interrupt that lands
@@ -254,8 +306,15 @@ class Trainer:
         metrics = self.base_metrics()
         if diverged:
             metrics.update(status="diverged", diverged=True, diverged_reason=diverged)
+            if self.diverged_detail:
+                metrics["diverged_detail"] = self.diverged_detail
             rundir.write_metrics(self.run_dir, metrics)
-            log.warning("run diverged (%s) at step %d", diverged, self.step)
+            log.warning(
+                "run diverged (%s) at step %d%s",
+                diverged,
+                self.step,
+                f": {self.diverged_detail}" * bool(self.diverged_detail),
+            )
             return metrics
         rundir.save_checkpoint(self.run_dir, self.state())
         metrics.update(self.finish_outputs(logger))
