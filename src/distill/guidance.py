@@ -57,6 +57,57 @@ def perpendicular_component(x: Tensor, y: Tensor) -> Tensor:
     return x - coef * y
 
 
+def eps_branches(
+    prior: DiffusionPrior,
+    x_t: Tensor,
+    t: Tensor,
+    cond: Conditioning,
+    extra: dict[str, Tensor] | None = None,
+    perp_neg: bool = True,
+) -> dict[str, Tensor]:
+    """Every eps branch a method needs, in ONE batched prior call.
+
+    Rows are stacked [cond (B); uncond (B); Perp-Neg negatives (n_neg x B); extra_1 (B); ...] so row r belongs to
+    view r % B. ``extra`` maps a branch name to embedding rows (B, ...) or one row (1, ...) broadcast to the batch:
+    the negative prompt of NFSD / CSD, the empty-string ("null") row. Returns {"cond", "uncond", name...} and, with
+    Perp-Neg negatives in ``cond`` (and ``perp_neg``), "perp_neg" of shape (n_neg, B, ...).
+    """
+    B = x_t.shape[0]
+    extra = extra or {}
+    negs = list(cond.negatives) if (perp_neg and cond.negatives is not None) else []
+    rows = [cond.cond, cond.uncond, *negs]
+    for emb in extra.values():
+        rows.append(emb.expand(B, *emb.shape[1:]) if emb.shape[0] == 1 else emb)
+    n = len(rows)
+    out = prior.eps(x_t.repeat(n, *([1] * (x_t.dim() - 1))), t.repeat(n), torch.cat(rows), cameras=cond.cameras)
+    branches = {"cond": out[:B], "uncond": out[B : 2 * B]}
+    if negs:
+        branches["perp_neg"] = out[2 * B : (2 + len(negs)) * B].reshape(len(negs), B, *out.shape[1:])
+    for i, name in enumerate(extra):
+        k = 2 + len(negs) + i
+        branches[name] = out[k * B : (k + 1) * B]
+    return branches
+
+
+def combine_cfg(branches: dict[str, Tensor], scale: float, rule: str, cond: Conditioning) -> Tensor:
+    """Classifier-free guidance from the branches (paper eq. 3.4):
+    standard:    eps_u + s (eps_c - eps_u)
+    threestudio: eps_c + s (eps_c - eps_u)   (the official plain path; effective scale s + 1)
+    Perp-Neg:    eps_u + s (e_c + sum_i w_i perp(e_i, e_c)),  e = eps_. - eps_u  (standard in both rules)
+    """
+    eps_c, eps_u = branches["cond"], branches["uncond"]
+    if "perp_neg" not in branches:
+        if rule == "threestudio":
+            return eps_c + scale * (eps_c - eps_u)
+        return eps_u + scale * (eps_c - eps_u)
+    e_pos = eps_c - eps_u
+    acc = torch.zeros_like(e_pos)
+    for i, eps_neg in enumerate(branches["perp_neg"]):
+        w = cond.neg_weights[:, i].to(e_pos.dtype).view(-1, *([1] * (e_pos.dim() - 1)))
+        acc = acc + w * perpendicular_component(eps_neg - eps_u, e_pos)
+    return eps_u + scale * (e_pos + acc)
+
+
 def guided_eps(
     prior: DiffusionPrior, x_t: Tensor, t: Tensor, cond: Conditioning, scale: float, rule: str = "standard"
 ) -> Tensor:
@@ -67,26 +118,11 @@ def guided_eps(
         Perp-Neg: eps = eps_u + s (e_c + sum_i w_i perp(e_i, e_c)),  e = eps_. - eps_u
     Scale 1 (plain) needs only the conditional row, scale 0 only the unconditional one.
     """
-    B = x_t.shape[0]
     perp = cond.negatives is not None
     if not perp and rule == "standard" and scale in (0.0, 1.0):
         emb = cond.cond if scale == 1.0 else cond.uncond
         return prior.eps(x_t, t, emb, cameras=cond.cameras)
-    blocks = [cond.cond, cond.uncond] + (list(cond.negatives) if perp else [])
-    n = len(blocks)
-    out = prior.eps(x_t.repeat(n, *([1] * (x_t.dim() - 1))), t.repeat(n), torch.cat(blocks), cameras=cond.cameras)
-    eps_c, eps_u = out[:B], out[B : 2 * B]
-    if not perp:
-        if rule == "threestudio":
-            return eps_c + scale * (eps_c - eps_u)
-        return eps_u + scale * (eps_c - eps_u)
-    e_pos = eps_c - eps_u
-    acc = torch.zeros_like(e_pos)
-    for i in range(n - 2):
-        e_neg = out[(2 + i) * B : (3 + i) * B] - eps_u
-        w = cond.neg_weights[:, i].to(e_pos.dtype).view(-1, *([1] * (e_pos.dim() - 1)))
-        acc = acc + w * perpendicular_component(e_neg, e_pos)
-    return eps_u + scale * (e_pos + acc)
+    return combine_cfg(eps_branches(prior, x_t, t, cond), scale, rule, cond)
 
 
 @dataclass
@@ -102,8 +138,61 @@ class GuidanceOutput:
     stats: dict = field(default_factory=dict)
 
 
-class ScoreDistillation:
+def weight(ab_t: Tensor, strategy: str) -> Tensor:
+    """w(t) of the score-distillation gradient: "sds" 1 - ab_t (DreamFusion / threestudio), "uniform" 1,
+    "fantasia3d" sqrt(ab_t) (1 - ab_t)."""
+    if strategy == "sds":
+        return 1 - ab_t
+    if strategy == "uniform":
+        return torch.ones_like(ab_t)
+    if strategy == "fantasia3d":
+        return ab_t.sqrt() * (1 - ab_t)
+    raise ValueError(f"weighting={strategy!r} is unknown; allowed: {', '.join(WEIGHTINGS)}")
+
+
+WEIGHTINGS = ("sds", "uniform", "fantasia3d")
+
+
+def gradient_loss(x0: Tensor, grad: Tensor, reduction: str = "sum") -> Tensor:
+    """The reparametrised loss whose gradient w.r.t. x0 is ``grad`` (threestudio's form):
+        loss = 0.5 * || x0 - stopgrad(x0 - grad) ||^2 / B          d loss / d x0 = grad / B   ("sum")
+    "mean" divides by the number of elements as well (the official SDI code's 0.5 * mse / B)."""
+    B = x0.shape[0]
+    target = (x0.detach() - grad.to(x0.dtype)).detach()
+    return 0.5 * F.mse_loss(x0, target, reduction=reduction) / B
+
+
+class Guidance:
+    """What the trainer needs of a score-distillation method (SDS/SDI here; HiFA, CSD, NFSD, VSD, ESD in
+    :mod:`distill.methods`). ``step`` returns a :class:`GuidanceOutput`; every numeric entry of its ``stats`` is
+    logged as a scalar. Methods with trainable state (VSD's phi) return it from ``state_dict``; the trainer keeps it
+    in the checkpoint, so a resumed run continues it exactly."""
+
+    needs_images: bool = False  # True: step() also takes images=the render (B, 3, H, W) with grad (HiFA)
+
+    def step(
+        self, x0: Tensor, cond: Conditioning, step: int, max_steps: int, generator: torch.Generator | None = None
+    ) -> GuidanceOutput:
+        raise NotImplementedError
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return []
+
+    def extra_prompts(self) -> dict[str, str]:
+        """Prompt texts beyond cond/uncond that the method needs embedded (branch name -> text)."""
+        return {}
+
+
+class ScoreDistillation(Guidance):
     """The SDS / SDI step on a batch of encoded renders x0 (requires grad)."""
+
+    Config = GuidanceConfig
 
     def __init__(
         self,
@@ -140,3 +229,9 @@ class ScoreDistillation:
                 eq44_residual(x0.detach(), k.kappa, t, self.eps_fn(cond, self.cfg_pair.inv), ab)
             )
         return GuidanceOutput(loss, t, k.level, k.x_t, k.kappa, eps_hat, x0_hat, k.model_calls + 1, stats)
+
+    def state_dict(self) -> dict:
+        return {"kappa": self.kappa.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.kappa.load_state_dict(state.get("kappa", {}))

@@ -1,32 +1,45 @@
 """Time (noise-level) schedules for score distillation.
 
-uniform (SDS):  t ~ U{int(T t_min), ..., int(T t_max)}
-anneal  (SDI):  t = int(T * (t_min + (t_max - t_min) * (1 - step / max_steps)))
-The anneal is tied to the trainer's own ``max_steps`` (the official code keeps a separate copy,
+    uniform      (SDS):   t ~ U{int(T t_min), ..., int(T t_max)}
+    anneal       (SDI):   t = int(T * (t_min + (t_max - t_min) * (1 - step / max_steps)))
+    step         (VSD):   t ~ U{int(T t_min), ..., int(T t_max)} before ``milestone``, then
+                          t ~ U{int(T t_min), ..., int(T t_max_after)}  (threestudio's [5000, 0.98, 0.5, 5001])
+    sqrt_anneal  (HiFA):  t = int(T * (t_min + (t_max - t_min) * (1 - sqrt(step / max_steps))))   (deterministic)
+The anneals are tied to the trainer's own ``max_steps`` (the official code keeps a separate copy,
 ``trainer_max_steps``, that silently disagrees when only one is changed).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
+SCHEDULES = ("uniform", "anneal", "step", "sqrt_anneal")
+
 
 @dataclass
 class TimeScheduleConfig:
-    name: str = "uniform"  # uniform | anneal
+    name: str = "uniform"  # uniform | anneal | step | sqrt_anneal
     t_min: float = 0.02
     t_max: float = 0.98
+    milestone: int = 0  # step: optimiser step from which t_max_after applies
+    t_max_after: float = 0.5  # step: the upper end of the t range after the milestone
 
     def validate(self) -> None:
-        if self.name not in ("uniform", "anneal"):
-            raise ValueError(f"schedule.name={self.name!r} is unknown; allowed: uniform, anneal")
+        if self.name not in SCHEDULES:
+            raise ValueError(f"schedule.name={self.name!r} is unknown; allowed: {', '.join(SCHEDULES)}")
         if not 0.0 <= self.t_min < self.t_max <= 1.0:
             raise ValueError(
                 f"schedule.t_min={self.t_min}, schedule.t_max={self.t_max}: need 0 <= t_min < t_max <= 1 "
                 f"(fractions of the {1000}-step diffusion schedule)"
             )
+        if self.name == "step":
+            if self.milestone < 0:
+                raise ValueError(f"schedule.milestone={self.milestone} must be >= 0")
+            if not self.t_min < self.t_max_after <= 1.0:
+                raise ValueError(f"schedule.t_max_after={self.t_max_after}: need t_min={self.t_min} < t_max_after <= 1")
 
 
 class TimeSchedule:
@@ -35,8 +48,12 @@ class TimeSchedule:
         self.cfg, self.T = cfg, num_train_timesteps
 
     def __call__(self, step: int, max_steps: int, generator: torch.Generator | None = None) -> int:
-        lo, hi = int(self.T * self.cfg.t_min), int(self.T * self.cfg.t_max)
-        if self.cfg.name == "uniform":
+        c = self.cfg
+        if c.name in ("uniform", "step"):
+            hi_frac = c.t_max_after if (c.name == "step" and step >= c.milestone) else c.t_max
+            lo, hi = int(self.T * c.t_min), int(self.T * hi_frac)
             return int(torch.randint(lo, hi + 1, (1,), generator=generator).item())
         frac = min(max(step / max(max_steps, 1), 0.0), 1.0)
-        return int(self.T * (self.cfg.t_min + (self.cfg.t_max - self.cfg.t_min) * (1.0 - frac)))
+        if c.name == "sqrt_anneal":
+            frac = math.sqrt(frac)
+        return int(self.T * (c.t_min + (c.t_max - c.t_min) * (1.0 - frac)))

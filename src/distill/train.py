@@ -36,8 +36,9 @@ from distill.config import (
     typed,
 )
 from distill.ddim import InversionConfig
-from distill.guidance import CFGConfig, GuidanceConfig, ScoreDistillation
+from distill.guidance import CFGConfig
 from distill.kappa import KappaConfig, make_kappa
+from distill.methods import build_guidance
 from distill.prompts import PromptConfig, PromptProcessor
 from distill.scene.cameras import CameraSamplerConfig, orbit_cameras, sample_cameras
 from distill.schedule import TimeSchedule, TimeScheduleConfig
@@ -51,7 +52,7 @@ class RunSpec:
 
     trainer: TrainerConfig
     optimizer: OptimizerConfig
-    guidance: GuidanceConfig
+    guidance: Any  # the method's own typed Config (distill.guidance.GuidanceConfig, distill.methods.*)
     cfg_pair: CFGConfig
     kappa: KappaConfig
     inversion: InversionConfig
@@ -73,7 +74,7 @@ def check_run_config(cfg: DictConfig) -> RunSpec:
     spec = RunSpec(
         trainer=typed(cfg.trainer, TrainerConfig, "trainer"),
         optimizer=typed(cfg.optimizer, OptimizerConfig, "optimizer"),
-        guidance=typed(cfg.guidance, GuidanceConfig, "guidance"),
+        guidance=component_config(cfg.guidance, "guidance")[1],
         cfg_pair=typed(cfg.cfg, CFGConfig, "cfg"),
         kappa=typed(cfg.kappa, KappaConfig, "kappa"),
         inversion=typed(cfg.inversion, InversionConfig, "inversion"),
@@ -154,12 +155,14 @@ class Trainer:
         self.scene = build(cfg.scene, "scene").to(self.device)
         self.prompts = PromptProcessor(spec.prompt, self.prior)
         self.kappa = make_kappa(spec.kappa, spec.inversion)
-        self.guidance = ScoreDistillation(
-            self.prior,
-            self.kappa,
-            TimeSchedule(spec.schedule, self.prior.num_train_timesteps),
-            spec.guidance,
-            spec.cfg_pair,
+        self.guidance = build_guidance(
+            cfg.guidance,
+            prior=self.prior,
+            kappa=self.kappa,
+            schedule=TimeSchedule(spec.schedule, self.prior.num_train_timesteps),
+            cfg_pair=spec.cfg_pair,
+            device=self.device,
+            max_steps=spec.trainer.max_steps,
         )
         self.optimizer = make_optimizer(spec, self.scene)
         self.is_3d = hasattr(self.scene, "density")
@@ -177,7 +180,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "generator": self.generator.get_state(),
             "torch_rng": torch.get_rng_state(),
-            "kappa": self.kappa.state_dict(),
+            "guidance": self.guidance.state_dict(),
             "seconds": self.seconds_before + (time.time() - self.t_start),
         }
 
@@ -186,7 +189,10 @@ class Trainer:
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.generator.set_state(ckpt["generator"])
         torch.set_rng_state(ckpt["torch_rng"])
-        self.kappa.load_state_dict(ckpt["kappa"])
+        if "guidance" in ckpt:
+            self.guidance.load_state_dict(ckpt["guidance"])
+        else:  # checkpoints written before methods had state of their own
+            self.kappa.load_state_dict(ckpt.get("kappa", {}))
         self.step = self.resumed_from = int(ckpt["step"])
         self.seconds_before = float(ckpt.get("seconds", 0.0))
 
@@ -218,6 +224,7 @@ class Trainer:
             "diverged_reason": None,
             "resumed_from_step": self.resumed_from,
             "start": self.start_reason,
+            "guidance_trainable_params": sum(p.numel() for p in self.guidance.trainable_parameters()),
             "method": self.cfg.get("method", self.spec.guidance.name),
             "prompt": self.spec.prompt_text,
             "seed": self.spec.seed,
@@ -330,7 +337,9 @@ class Trainer:
         out = self.scene.render(cams, generator=self.generator)
         x0 = self.prior.encode(out["rgb"])
         cond = self.prompts(cams, batch_size=x0.shape[0])
-        g = self.guidance.step(x0, cond, self.step, tr.max_steps, self.generator)
+        # a method with an image-space term (HiFA) also gets the render it differentiates through
+        extra = {"images": out["rgb"]} if self.guidance.needs_images else {}
+        g = self.guidance.step(x0, cond, self.step, tr.max_steps, self.generator, **extra)
         regs = self.scene.regularisers(out, self.step)
         loss = g.loss + sum(regs.values()) if regs else g.loss
         if not torch.isfinite(loss):
@@ -346,12 +355,11 @@ class Trainer:
                 "loss_sd": float(g.loss.detach()),
                 "t": g.t,
                 "level": g.level,
-                "grad_norm": g.stats["grad_norm"],
                 "model_calls": g.model_calls,
             }
+            # every numeric stat of the method: grad_norm, kappa_residual, phi_loss, image_loss, ...
+            values.update({k: v for k, v in g.stats.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
             values.update({f"reg/{k}": float(v.detach()) for k, v in regs.items()})
-            if "kappa_residual" in g.stats:
-                values["kappa_residual"] = g.stats["kappa_residual"]
             logger.log_scalars(values, self.step)
             bar.set_postfix(loss=f"{values['loss']:.4g}", t=g.t)
         return None
