@@ -18,3 +18,12 @@ def compose_cfg():
     from distill.cli import compose_config
 
     return compose_config
+
+
+@pytest.fixture(scope="session")
+def tiny_sd_dir(tmp_path_factory) -> Path:
+    """A tiny Stable-Diffusion-shaped pipeline (UNet, VAE, CLIP text encoder, DDIM scheduler) saved locally."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from tiny_sd import build_tiny_sd
+
+    return build_tiny_sd(tmp_path_factory.mktemp("tiny-sd") / "pipe")

@@ -81,9 +81,9 @@ def test_embed_prompts_known_uncond_and_unknown():
     prior = small_prior()
     emb = prior.embed_prompts(["a red ball", "", "a snowman, back view"])
     C = len(prior.prompts)
-    assert emb.shape == (3, C)
-    assert torch.equal(emb[0], torch.nn.functional.one_hot(torch.tensor(0), C).float())
-    assert torch.allclose(emb[1], torch.full((C,), 1.0 / C))
+    assert emb.shape == (3, C + 1)  # the last column is the negative class (NFSD's negative prompt)
+    assert torch.equal(emb[0], torch.nn.functional.one_hot(torch.tensor(0), C + 1).float())
+    assert torch.allclose(emb[1, :C], torch.full((C,), 1.0 / C)) and emb[1, C] == 0
     assert int(emb[2].argmax()) == prior.prompts.index("a snowman") and float(emb[2].sum()) == 1.0
     with pytest.raises(PriorError) as err:
         prior.embed_prompts(["a hamburger"])
@@ -122,6 +122,8 @@ def test_eps_is_the_scaled_score_by_finite_differences():
     g = torch.Generator().manual_seed(2)
     emb = prior.embed_prompts(["a red ball", "a red ball", "", ""])
     x0 = torch.cat([prior.sample_views("a red ball", cams, g).x0, prior.sample_views("", cams, g).x0])
+    # rows 2, 3 under the negative class (NFSD's negative prompt): dull copies of every object, as extra components
+    emb = torch.cat([emb[:2], prior.embed_prompts(["negative", "negative"])])
     for tv in (50, 500, 950):
         t = torch.full((4,), tv)
         x_t = noised(prior, x0, t, g)

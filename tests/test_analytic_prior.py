@@ -20,7 +20,7 @@ def test_dct_is_orthonormal():
 
 
 @pytest.mark.parametrize("t", [5, 300, 900])
-@pytest.mark.parametrize("prompt", ["a red circle", ""])
+@pytest.mark.parametrize("prompt", ["a red circle", "", "negative"])
 def test_eps_is_the_finite_difference_score(prior, t, prompt):
     """eps(x_t) = -sqrt(1 - ab_t) * grad log p_t(x_t), checked by central differences (float64)."""
     g = torch.Generator().manual_seed(t)
@@ -71,3 +71,26 @@ def test_unknown_prompt_names_the_allowed_ones(prior):
 def test_wrong_image_size_is_a_clear_error(prior):
     with pytest.raises(PriorError, match="8x8"):
         prior.encode(torch.zeros(1, 3, 16, 16))
+
+
+def test_negative_class_is_dull_and_leaves_the_other_rows_alone(prior):
+    """NFSD's negative prompt is a class of its own (dark, low-contrast, blurred copies of every component): its
+    eps differs from the unconditional one, "" still mixes only the real classes, and unknown text still fails."""
+    from distill.priors.base import NFSD_NEGATIVE_PROMPT
+
+    emb = prior.embed_prompts([NFSD_NEGATIVE_PROMPT, "negative", "", "a red circle"])
+    assert torch.equal(emb[0], emb[1]) and emb[2, -1] == 0 and emb[3, -1] == 0
+    g = torch.Generator().manual_seed(0)
+    neg = prior.sample("negative", 64, g)
+    real = prior.sample("", 64, g)
+    # darker and lower-contrast than the real classes (pixel units in [-1, 1])
+    assert float(neg.mean()) < float(real.mean()) - 0.2
+    C = len(prior.prompts)
+    contrast = lambda m: float(m.std(dim=(2, 3)).mean())  # noqa: E731 - spatial contrast of the component means
+    assert contrast(prior.means[prior.owner == C]) < 0.5 * contrast(prior.means[prior.owner < C])
+    x = torch.randn(2, *neg.shape[1:], generator=g, dtype=torch.float64)
+    t = torch.tensor([400, 400])
+    e_neg, e_unc = prior.eps(x, t, emb[[0, 0]]), prior.eps(x, t, emb[[2, 2]])
+    assert float((e_neg - e_unc).abs().max()) > 1e-3
+    with pytest.raises(PriorError):
+        prior.embed_prompts(["a purple hexagon"])

@@ -35,16 +35,6 @@ def _one_thread():
 
 
 @pytest.fixture(scope="session")
-def tiny_sd_dir(tmp_path_factory) -> Path:
-    import sys
-
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from tiny_sd import build_tiny_sd
-
-    return build_tiny_sd(tmp_path_factory.mktemp("tiny-sd") / "pipe")
-
-
-@pytest.fixture(scope="session")
 def embed_cache(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("embeddings")
 

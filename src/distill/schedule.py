@@ -54,6 +54,6 @@ class TimeSchedule:
             lo, hi = int(self.T * c.t_min), int(self.T * hi_frac)
             return int(torch.randint(lo, hi + 1, (1,), generator=generator).item())
         frac = min(max(step / max(max_steps, 1), 0.0), 1.0)
-        if c.name == "sqrt_anneal":
-            frac = math.sqrt(frac)
+        if c.name == "sqrt_anneal":  # threestudio's order of operations, so the integer t agrees with it
+            return int(self.T * ((c.t_max - c.t_min) * (1.0 - math.sqrt(frac)) + c.t_min))
         return int(self.T * (c.t_min + (c.t_max - c.t_min) * (1.0 - frac)))

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from distill.priors.base import DiffusionPrior, PriorError, scaled_linear_alphas_cumprod
+from distill.priors.base import NEGATIVE_PROMPTS, DiffusionPrior, PriorError, scaled_linear_alphas_cumprod
 
 # class name -> (shape, RGB colour); each class gets K components (positions / sizes vary).
 SHAPES: dict[str, tuple[str, tuple[float, float, float]]] = {
@@ -78,6 +78,7 @@ class AnalyticPriorConfig:
     low_band: float = 0.25  # band edges as fractions of the highest radial frequency
     high_band: float = 0.5
     seed: int = 0  # placement of the component shapes
+    negative_blur: float = 4.0  # the negative class's blur: DCT low-pass exp(-(f / negative_blur)^2)
     prompts: list[str] = field(default_factory=lambda: list(SHAPES))
 
 
@@ -112,11 +113,18 @@ class AnalyticPrior(DiffusionPrior):
                 img = torch.stack([BACKGROUND[c] * (1 - m) + colour[c] * m for c in range(3)])
                 means.append(cfg.scale * (2 * img - 1))
                 owner.append(ci)
+        # the "negative" class (NFSD's negative prompt): every component made dark, low-contrast and blurred
+        blur = torch.exp(-((f / cfg.negative_blur) ** 2))
+        for k in range(len(means)):
+            dull = cfg.scale * (2 * (0.3 + 0.35 * ((means[k] / cfg.scale + 1) / 2 - 0.5)) - 1)
+            means.append(C.T @ ((C @ dull @ C.T) * blur) @ C)
+            owner.append(len(self.prompts))
         self.register_buffer("dct", C, persistent=False)
         self.register_buffer("lam", lam.expand(3, n, n).clone(), persistent=False)  # (3, n, n)
         self.register_buffer("means", torch.stack(means), persistent=False)  # (Kc, 3, n, n) pixel space
         self.register_buffer("means_dct", self.to_dct(self.means), persistent=False)
-        self.register_buffer("owner", torch.tensor(owner), persistent=False)  # component -> class
+        self.register_buffer("owner", torch.tensor(owner), persistent=False)  # component -> class (C = negative)
+        self.register_buffer("class_size", torch.bincount(self.owner).double(), persistent=False)
         self.register_buffer("low_mask", (fn < cfg.low_band).expand(3, n, n).clone(), persistent=False)
         self.register_buffer("high_mask", (fn >= cfg.high_band).expand(3, n, n).clone(), persistent=False)
         self.to(device)
@@ -144,25 +152,31 @@ class AnalyticPrior(DiffusionPrior):
 
     # ----- conditioning -----------------------------------------------------------------------
     def class_index(self, prompt: str) -> int:
+        if prompt in NEGATIVE_PROMPTS:
+            return len(self.prompts)
         if prompt not in self.prompts:
             raise PriorError(
                 f"prompt {prompt!r} is not a class of the analytic prior; "
-                f"use one of {self.prompts} (or prior=sd21 for free text)"
+                f"use one of {self.prompts}, or {NEGATIVE_PROMPTS[1]!r} / NFSD's negative prompt for the negative "
+                f"class (or prior=sd21 for free text)"
             )
         return self.prompts.index(prompt)
 
     def embed_prompts(self, prompts: Sequence[str]) -> Tensor:
+        """Class weights (N, C + 1): one-hot for a class or the negative class, uniform over the C real classes for
+        "" (the unconditional mixture does not include the negative class)."""
+        C = len(self.prompts)
         rows = []
         for p in prompts:
             if p == "":
-                rows.append(torch.full((len(self.prompts),), 1.0 / len(self.prompts), dtype=torch.float64))
+                rows.append(torch.cat([torch.full((C,), 1.0 / C, dtype=torch.float64), torch.zeros(1).double()]))
             else:
-                rows.append(torch.nn.functional.one_hot(torch.tensor(self.class_index(p)), len(self.prompts)).double())
+                rows.append(torch.nn.functional.one_hot(torch.tensor(self.class_index(p)), C + 1).double())
         return torch.stack(rows).to(self.device)
 
     def component_log_weights(self, embeddings: Tensor) -> Tensor:
         """(N, C) class weights -> (N, Kc) log mixture weights over components."""
-        w = embeddings.to(torch.float64)[:, self.owner] / self.cfg.components_per_class
+        w = embeddings.to(torch.float64)[:, self.owner] / self.class_size[self.owner]
         return torch.log(w.clamp_min(0.0))
 
     # ----- the exact model ----------------------------------------------------------------------
@@ -201,6 +215,9 @@ class AnalyticPrior(DiffusionPrior):
     def sample(self, prompt: str, n: int, generator: torch.Generator | None = None) -> Tensor:
         """Exact samples x0 (n, 3, size, size) of a class (prompt "" samples the whole mixture)."""
         w = self.component_log_weights(self.embed_prompts([prompt])).exp()[0]
+        real = int((self.owner < len(self.prompts)).sum())
+        if not bool(w[real:].any()):  # no negative-class weight: draw over the real components only
+            w = w[:real]
         k = torch.multinomial(w.cpu(), n, replacement=True, generator=generator).to(self.device)
         xi = torch.randn((n, *self.lam.shape), generator=generator, dtype=torch.float64).to(self.device)
         return self.from_dct(self.means_dct[k] + self.lam.sqrt() * xi)

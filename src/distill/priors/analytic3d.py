@@ -47,7 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from distill.priors.base import DiffusionPrior, PriorError, scaled_linear_alphas_cumprod
+from distill.priors.base import NEGATIVE_PROMPTS, DiffusionPrior, PriorError, scaled_linear_alphas_cumprod
 from distill.priors.sdf_objects import PROMPTS, SDFObject, build_catalogue, trace
 from distill.scene.cameras import Cameras, orbit_cameras
 
@@ -184,25 +184,29 @@ class Analytic3DPrior(DiffusionPrior):
         return (x0 + 1.0) * 0.5
 
     def prompt_index(self, prompt: str) -> int:
-        """Class index of a built-in prompt (a trailing ", <direction> view" is ignored)."""
+        """Class index of a built-in prompt (a trailing ", <direction> view" is ignored); C for the negative class."""
         key = _VIEW_SUFFIX.sub("", prompt.strip())
+        if key in NEGATIVE_PROMPTS:
+            return len(self.prompts)
         if key not in self.prompts:
             known = ", ".join(repr(p) for p in self.prompts)
             raise PriorError(
                 f"prompt {prompt!r} is not one of the analytic3d prior's prompts: {known} "
-                f"('' is the unconditional mixture)"
+                f"('' is the unconditional mixture; {NEGATIVE_PROMPTS[1]!r} or NFSD's negative prompt the negative "
+                f"class)"
             )
         return self.prompts.index(key)
 
     def embed_prompts(self, prompts: Sequence[str]) -> Tensor:
-        """Class weights (N, C): one-hot for a known prompt, uniform for ``""``."""
+        """Class weights (N, C + 1): one-hot for a known prompt or the negative class (index C: every object with a
+        dull, dark, low-contrast mean albedo, x -> 0.35 x - 0.4), uniform over the C real classes for ``""``."""
         C = len(self.prompts)
         rows = []
         for p in prompts:
             if _VIEW_SUFFIX.sub("", p.strip()) == "":
-                rows.append(torch.full((C,), 1.0 / C))
+                rows.append(torch.cat([torch.full((C,), 1.0 / C), torch.zeros(1)]))
             else:
-                rows.append(F.one_hot(torch.tensor(self.prompt_index(p)), C).float())
+                rows.append(F.one_hot(torch.tensor(self.prompt_index(p)), C + 1).float())
         return torch.stack(rows).to(self.device)
 
     def eps(self, x_t: Tensor, t: Tensor, embeddings: Tensor, cameras: Any | None = None) -> Tensor:
@@ -215,6 +219,11 @@ class Analytic3DPrior(DiffusionPrior):
 
     # ------------------------------------------------------------------ exact posterior
 
+    def _dull(self, m_rot: Tensor) -> Tensor:
+        """The negative class's mean: x -> 0.35 x - 0.4 (pixel units), in the rotated colour basis."""
+        shift = self._rotate(torch.full((3, 1), -0.4, dtype=m_rot.dtype, device=m_rot.device))
+        return 0.35 * m_rot + shift
+
     def _rotate(self, x: Tensor) -> Tensor:  # (..., 3, P) RGB -> U^T x
         return torch.einsum("cd,...cp->...dp", self.U, x)
 
@@ -223,9 +232,11 @@ class Analytic3DPrior(DiffusionPrior):
 
     def _class_weights(self, embeddings: Tensor, N: int) -> Tensor:
         w = embeddings.to(self.device, torch.float64).reshape(N, -1)
-        if w.shape[1] != len(self.prompts):
+        if w.shape[1] == len(self.prompts):  # rows without the negative class
+            w = torch.cat([w, torch.zeros_like(w[:, :1])], dim=1)
+        if w.shape[1] != len(self.prompts) + 1:
             raise PriorError(
-                f"analytic3d embeddings must have {len(self.prompts)} class weights per row, "
+                f"analytic3d embeddings must have {len(self.prompts) + 1} class weights per row, "
                 f"got shape {tuple(embeddings.shape)}"
             )
         w = w.clamp_min(0.0)
@@ -255,10 +266,15 @@ class Analytic3DPrior(DiffusionPrior):
         v = ab * s2 + (1.0 - ab)
         cf = ab / v
         sab = ab.sqrt()
-        log_pi = torch.log(self._class_weights(embeddings, N))[:, self.object_class] + self.log_pi_within  # (N, O)
+        cw = self._class_weights(embeddings, N)  # (N, C + 1)
+        log_pi = torch.log(cw[:, :-1])[:, self.object_class] + self.log_pi_within  # (N, O)
+        negative = bool((cw[:, -1] > 0).any())  # the negative class: a dull copy of every object
+        if negative:
+            n_obj = len(self.objects)
+            log_pi = torch.cat([log_pi, (torch.log(cw[:, -1:]) - math.log(n_obj)).expand(N, n_obj)], 1)
         xr = self._rotate(x_t.to(self.device, torch.float64).reshape(N, 3, P))
         Ssq = self.S.sqrt()  # (3, F)
-        O = geo.phi.shape[1]  # noqa: E741 - O objects, as in the docstring
+        O = geo.phi.shape[1] * (2 if negative else 1)  # noqa: E741 - O objects (components), as in the docstring
         x0 = torch.empty(N, 3, P, dtype=torch.float64, device=self.device)
         resp = torch.empty(N, O, dtype=torch.float64, device=self.device)
         logp = torch.empty(N, dtype=torch.float64, device=self.device)
@@ -269,6 +285,8 @@ class Analytic3DPrior(DiffusionPrior):
                 continue
             n = idx.numel()
             phi, m, G = geo.phi[b], geo.mean[b], geo.gram[b]  # (O,P,F), (O,3,P), (O,F,F)
+            if negative:
+                phi, m, G = torch.cat([phi, phi]), torch.cat([m, self._dull(m)]), torch.cat([G, G])
             cb, vb, sb = cf[idx].view(n, 1, 1), v[idx].view(n, 1, 1), sab[idx].view(n, 1, 1)
             y = xr[idx, None] - sb[..., None] * m[None]  # (n, O, 3, P)
             z = torch.einsum("nocp,opf->nocf", y, phi)

@@ -17,6 +17,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+# NFSD's fixed negative prompt (Katzir et al. 2024; wording as recalled in the reference notes, unverified). The
+# analytic priors model it as a "negative" class of dull, dark, low-contrast, blurred versions of their objects.
+NFSD_NEGATIVE_PROMPT = (
+    "unrealistic, blurry, low quality, out of focus, ugly, low contrast, dull, dark, low-resolution, gloomy"
+)
+NEGATIVE_PROMPTS = (NFSD_NEGATIVE_PROMPT, "negative")
+
 
 class PriorError(ValueError):
     """Bad input for a prior (unknown prompt, missing weights, wrong shape)."""
