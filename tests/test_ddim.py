@@ -80,7 +80,7 @@ def test_inversion_round_trip_on_gaussian_data_converges_with_steps():
     x0 = torch.randn(4, 16, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     errs = {}
     for n in (10, 100):
-        cfg = InversionConfig(n_steps=n, eta=0.0, random_delta=False)
+        cfg = InversionConfig(n_steps=n, eta=0.0, jump="none")
         x_t, level, _ = ddim_invert(x0, 600, eps_fn, AB, cfg)
         levels = inversion_timesteps(600, cfg, 1000)
         back = ddim_regenerate(x_t, levels, eps_fn, AB)

@@ -464,7 +464,7 @@ def _roundtrip(prior, x0, cond, t, n_steps):
     from distill.ddim import InversionConfig, alpha_bar_at, ddim_invert, ddim_step, inversion_timesteps
     from distill.guidance import guided_eps
 
-    cfg = InversionConfig(n_steps=n_steps, eta=0.0, random_delta=False)
+    cfg = InversionConfig(n_steps=n_steps, eta=0.0, jump="none")
     ab = prior.alphas_cumprod
     eps_fn = lambda x, tt: guided_eps(prior, x, tt, cond, 1.0)  # noqa: E731
     x_t, level, _ = ddim_invert(x0, t, eps_fn, ab, cfg)

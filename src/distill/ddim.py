@@ -11,6 +11,17 @@ target t, prepends one leading step that starts from alpha_bar(0), and ends with
 t + delta, delta ~ U{0, ..., T/n - 1}. After every step it adds the paper's entropy term
     eta * N(0, I) * sqrt(v(s, s')),   v(s, s') = (1 - ab_s)/(1 - ab_s') * (1 - ab_s'/ab_s),
 i.e. the DDPM posterior variance between the two grid points.
+
+Two places where the thesis and the official code differ are switches (``InversionConfig``):
+    jump = official   invert to t + delta and let the caller denoise that latent with label t and alpha_bar(t)
+                      (the reference code; on an exact prior each target is the image contracted by about
+                      sqrt(ab(t + delta) / ab(t)), see docs/reproduction.md)
+           paper      the thesis' Algorithm 2: invert to t + delta, then re-apply the inverted noise at level t,
+                      x_t = sqrt(ab_t) x0 + sqrt(1 - ab_t) kappa^{t + delta}
+           none       invert to t (no jump)
+    leading_label = official   the leading step queries the model with label grid[0] - T/n (-99), as the
+                                reference code does (priors read alpha_bar(-99) as alpha_bar(0))
+                    0          label 0 on the leading step
 """
 
 from __future__ import annotations
@@ -58,6 +69,10 @@ def posterior_variance(ab_s: Tensor, ab_next: Tensor) -> Tensor:
     return ((1 - ab_s) / (1 - ab_next) * (1 - ab_next / ab_s)).clamp_min(0.0)
 
 
+JUMPS = ("official", "paper", "none")
+LEADING_LABELS = ("official", "0")
+
+
 @dataclass
 class InversionConfig:
     """DDIM inversion as in the official SDI code."""
@@ -66,7 +81,8 @@ class InversionConfig:
     eta: float = 0.3  # entropy term: eta * sqrt(posterior variance) noise after each step
     grid: str = "leading"  # "leading" (official: 1, 101, ..., 901) or "trailing" (99, 199, ..., 999)
     steps_offset: int = 1  # SD 2.1 scheduler's steps_offset, used by the leading grid
-    random_delta: bool = True  # final jump to t + delta, delta ~ U{0..T/n-1}; False: jump to t
+    jump: str = "official"  # official | paper | none (module docstring)
+    leading_label: str = "official"  # official (-99 on the leading step, as the reference) | 0
 
     def validate(self, T: int = 1000) -> None:
         if not 1 <= self.n_steps <= T:
@@ -75,6 +91,17 @@ class InversionConfig:
             raise ValueError(f"inversion.eta={self.eta} must be >= 0")
         if self.grid not in ("leading", "trailing"):
             raise ValueError(f"inversion.grid={self.grid!r} is unknown; allowed: leading, trailing")
+        if self.jump not in JUMPS:
+            raise ValueError(f"inversion.jump={self.jump!r} is unknown; allowed: {', '.join(JUMPS)}")
+        if str(self.leading_label) not in LEADING_LABELS:
+            raise ValueError(
+                f"inversion.leading_label={self.leading_label!r} is unknown; allowed: {', '.join(LEADING_LABELS)}"
+            )
+
+    @property
+    def random_delta(self) -> bool:
+        """Whether the inversion ends with the random jump to t + delta (official and paper)."""
+        return self.jump != "none"
 
 
 def inversion_timesteps(t: int, cfg: InversionConfig, T: int = 1000, delta: int = 0) -> list[int]:
@@ -122,8 +149,8 @@ def ddim_invert(
     B = x0.shape[0]
     for s, s_next in zip(levels[:-1], levels[1:]):
         ab_s, ab_n = alpha_bar_at(alphas_cumprod, s), alpha_bar_at(alphas_cumprod, s_next)
-        label = torch.full((B,), max(s, 0), dtype=torch.long, device=x0.device)
-        eps = eps_fn(x, label)
+        label = torch.full((B,), s if str(cfg.leading_label) == "official" else max(s, 0), device=x0.device)
+        eps = eps_fn(x, label.long())
         x = ddim_step(x, eps, ab_s, ab_n)
         if cfg.eta > 0:
             noise = torch.randn(x.shape, generator=generator, dtype=x.dtype, device="cpu").to(x.device)

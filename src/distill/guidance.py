@@ -40,6 +40,7 @@ class GuidanceConfig:
     # plain-CFG path (effective scale s + 1); the Perp-Neg path is standard in both.
     cfg_rule: str = "standard"
     residual_every: int = 0  # log the eq. 4.4 residual every N steps (extra model calls; 0 = never)
+    every: int = 1  # recompute the target every N optimiser steps and hold it in between (official 2D notebook: 25)
 
     def validate(self) -> None:
         if self.name not in ("sds", "ddim_inversion"):
@@ -48,6 +49,8 @@ class GuidanceConfig:
             raise ValueError(f"guidance.loss_reduction={self.loss_reduction!r}; allowed: mean, sum")
         if self.cfg_rule not in ("standard", "threestudio"):
             raise ValueError(f"guidance.cfg_rule={self.cfg_rule!r}; allowed: standard, threestudio")
+        if self.every < 1:
+            raise ValueError(f"guidance.every={self.every} must be >= 1 (1 = a new target every step)")
 
 
 def perpendicular_component(x: Tensor, y: Tensor) -> Tensor:
@@ -204,6 +207,7 @@ class ScoreDistillation(Guidance):
     ):
         cfg.validate()
         self.prior, self.kappa, self.schedule, self.cfg, self.cfg_pair = prior, kappa, schedule, cfg, cfg_pair
+        self.held: GuidanceOutput | None = None  # the target held between recomputations (guidance.every > 1)
 
     def eps_fn(self, cond: Conditioning, scale: float):
         """x, t -> guided eps at a fixed conditioning and scale (for inversion and samplers)."""
@@ -213,6 +217,12 @@ class ScoreDistillation(Guidance):
         self, x0: Tensor, cond: Conditioning, step: int, max_steps: int, generator: torch.Generator | None = None
     ) -> GuidanceOutput:
         B = x0.shape[0]
+        held = self.held
+        if held is not None and self.cfg.every > 1 and step % self.cfg.every != 0:
+            # the official 2D notebook: the target x0_hat is held for `every` optimiser steps
+            loss = 0.5 * F.mse_loss(x0, held.x0_hat.to(x0.dtype), reduction=self.cfg.loss_reduction) / B
+            stats = {"t": held.t, "level": held.level, "grad_norm": float((x0.detach() - held.x0_hat).norm())}
+            return GuidanceOutput(loss, held.t, held.level, held.x_t, held.kappa, held.eps_hat, held.x0_hat, 0, stats)
         t = self.schedule(step, max_steps, generator)
         ab = self.prior.alphas_cumprod
         with torch.no_grad():
@@ -220,6 +230,7 @@ class ScoreDistillation(Guidance):
             t_vec = torch.full((B,), t, dtype=torch.long, device=x0.device)
             eps_hat = guided_eps(self.prior, k.x_t, t_vec, cond, self.cfg_pair.fwd, self.cfg.cfg_rule)
             x0_hat = predict_x0(k.x_t, eps_hat, ab[t])
+            self.kappa.observe(eps_hat)  # kappa=cached: the next step's noise (eq. 4.5)
         loss = 0.5 * F.mse_loss(x0, x0_hat.to(x0.dtype), reduction=self.cfg.loss_reduction) / B
         stats = {"t": t, "level": k.level, "grad_norm": float((x0.detach() - x0_hat).norm())}
         if self.cfg.residual_every and step % self.cfg.residual_every == 0:
@@ -228,10 +239,20 @@ class ScoreDistillation(Guidance):
             stats["kappa_residual"] = float(
                 eq44_residual(x0.detach(), k.kappa, t, self.eps_fn(cond, self.cfg_pair.inv), ab)
             )
-        return GuidanceOutput(loss, t, k.level, k.x_t, k.kappa, eps_hat, x0_hat, k.model_calls + 1, stats)
+        out = GuidanceOutput(loss, t, k.level, k.x_t, k.kappa, eps_hat, x0_hat, k.model_calls + 1, stats)
+        if self.cfg.every > 1:
+            self.held = GuidanceOutput(None, t, k.level, k.x_t, k.kappa, eps_hat, x0_hat, 0, {})
+        return out
+
+    _HELD = ("t", "level", "x_t", "kappa", "eps_hat", "x0_hat")
 
     def state_dict(self) -> dict:
-        return {"kappa": self.kappa.state_dict()}
+        state = {"kappa": self.kappa.state_dict()}
+        if self.held is not None:
+            state["held"] = {k: getattr(self.held, k) for k in self._HELD}
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         self.kappa.load_state_dict(state.get("kappa", {}))
+        held = state.get("held")
+        self.held = GuidanceOutput(None, model_calls=0, **held) if held else None

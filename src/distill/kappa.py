@@ -13,6 +13,10 @@ whose residual in x0 units is
     fixed_point       kappa <- eps_inv(x_t(kappa), t), n_iters times, from kappa ~ N(0, I)
     sgd               gradient descent on 0.5 ||kappa - eps_inv(x_t(kappa), t)||^2, n_iters steps
     ddim_inversion    kappa from DDIM inversion of x0 to t (+ delta) (SDI, ddim.py)
+    cached            kappa = the previous step's guided eps (eq. 4.5; the official 2D notebook's
+                      ``call_with_defined_noise``): with x0 <- x0_hat at every guidance step, the update
+                      x0 <- x0 - sigma_t (eps_hat(x_t) - kappa) (eq. 4.6) is exactly DDIM on the same time grid.
+                      2D only: in 3D the previous eps belongs to another (random) view.
 """
 
 from __future__ import annotations
@@ -80,6 +84,35 @@ class KappaStrategy:
     def load_state_dict(self, state: dict) -> None:
         pass
 
+    def observe(self, eps_hat: Tensor) -> None:
+        """The guided eps the forward pass computed from this strategy's x_t (used by ``cached``)."""
+
+
+class Cached(KappaStrategy):
+    """kappa = the previous guided eps (paper eq. 4.5); the first step draws kappa ~ N(0, I) unless ``prime``d."""
+
+    def __init__(self, cfg, inversion=None):
+        super().__init__(cfg, inversion)
+        self.kappa: Tensor | None = None
+
+    def prime(self, eps: Tensor) -> None:
+        self.kappa = eps.detach().clone()
+
+    def __call__(self, x0, t, eps_inv, alphas_cumprod, generator=None):
+        if self.kappa is None or self.kappa.shape != x0.shape:
+            self.kappa = _randn(x0, generator)
+        kappa = self.kappa.to(x0.device, x0.dtype)
+        return KappaResult(add_noise(x0, kappa, alphas_cumprod[t]), kappa, t, 0)
+
+    def observe(self, eps_hat):
+        self.kappa = eps_hat.detach().clone()
+
+    def state_dict(self):
+        return {"kappa": self.kappa}
+
+    def load_state_dict(self, state):
+        self.kappa = state.get("kappa")
+
 
 class RandomResampled(KappaStrategy):
     def __call__(self, x0, t, eps_inv, alphas_cumprod, generator=None):
@@ -132,11 +165,19 @@ class SGD(KappaStrategy):
 
 
 class DDIMInversion(KappaStrategy):
-    """SDI: x_t is the DDIM-inverted x0 at level t + delta; kappa is reported at that level."""
+    """SDI: kappa from DDIM inversion of x0 (ddim.py).
+
+    jump=official: x_t is the inverted latent at level t + delta (denoised by the caller with label t), kappa is
+    reported at that level. jump=paper (Algorithm 2): kappa^{t+delta} is re-applied at t,
+    x_t = sqrt(ab_t) x0 + sqrt(1 - ab_t) kappa. jump=none: inverted to t.
+    """
 
     def __call__(self, x0, t, eps_inv, alphas_cumprod, generator=None):
-        x_t, level, calls = ddim_invert(x0, t, eps_inv, alphas_cumprod, self.inversion, generator)
-        return KappaResult(x_t, noise_from_x0(x_t, x0, alphas_cumprod[level]), level, calls)
+        x_inv, level, calls = ddim_invert(x0, t, eps_inv, alphas_cumprod, self.inversion, generator)
+        kappa = noise_from_x0(x_inv, x0, alphas_cumprod[level])
+        if self.inversion.jump == "paper":
+            return KappaResult(add_noise(x0, kappa, alphas_cumprod[t]), kappa, t, calls)
+        return KappaResult(x_inv, kappa, level, calls)
 
 
 STRATEGIES: dict[str, type[KappaStrategy]] = {
@@ -145,6 +186,7 @@ STRATEGIES: dict[str, type[KappaStrategy]] = {
     "fixed_point": FixedPoint,
     "sgd": SGD,
     "ddim_inversion": DDIMInversion,
+    "cached": Cached,
 }
 
 

@@ -121,7 +121,7 @@ def kappa_study(out: Path, samples: int, prompt: str) -> None:
     res = {name: [] for name in STRATEGIES}
     for t in ts:
         for name in STRATEGIES:
-            k = make_kappa(KappaConfig(name), InversionConfig(eta=0.0, random_delta=False))
+            k = make_kappa(KappaConfig(name), InversionConfig(eta=0.0, jump="none"))
             vals = [
                 float(
                     eq44_residual(

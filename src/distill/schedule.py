@@ -26,6 +26,7 @@ class TimeScheduleConfig:
     t_max: float = 0.98
     milestone: int = 0  # step: optimiser step from which t_max_after applies
     t_max_after: float = 0.5  # step: the upper end of the t range after the milestone
+    horizon: int = 0  # anneals: the step count they span (0 = trainer.max_steps; the 2D notebook: 1000 of 1001)
 
     def validate(self) -> None:
         if self.name not in SCHEDULES:
@@ -35,6 +36,8 @@ class TimeScheduleConfig:
                 f"schedule.t_min={self.t_min}, schedule.t_max={self.t_max}: need 0 <= t_min < t_max <= 1 "
                 f"(fractions of the {1000}-step diffusion schedule)"
             )
+        if self.horizon < 0:
+            raise ValueError(f"schedule.horizon={self.horizon} must be >= 0 (0 = trainer.max_steps)")
         if self.name == "step":
             if self.milestone < 0:
                 raise ValueError(f"schedule.milestone={self.milestone} must be >= 0")
@@ -53,7 +56,7 @@ class TimeSchedule:
             hi_frac = c.t_max_after if (c.name == "step" and step >= c.milestone) else c.t_max
             lo, hi = int(self.T * c.t_min), int(self.T * hi_frac)
             return int(torch.randint(lo, hi + 1, (1,), generator=generator).item())
-        frac = min(max(step / max(max_steps, 1), 0.0), 1.0)
+        frac = min(max(step / max(c.horizon or max_steps, 1), 0.0), 1.0)
         if c.name == "sqrt_anneal":  # threestudio's order of operations, so the integer t agrees with it
             return int(self.T * ((c.t_max - c.t_min) * (1.0 - math.sqrt(frac)) + c.t_min))
         return int(self.T * (c.t_min + (c.t_max - c.t_min) * (1.0 - frac)))

@@ -166,11 +166,36 @@ class Trainer:
         )
         self.optimizer = make_optimizer(spec, self.scene)
         self.is_3d = hasattr(self.scene, "density")
+        if self.is_3d and spec.kappa.name == "cached":
+            raise ConfigError(
+                "kappa=cached needs the previous step's eps of the same view: a 2D scene (experiment=sdi_notebook_2d "
+                "or scene=image); the 3D scenes draw a new random camera every step"
+            )
+        if getattr(getattr(self.scene, "cfg", None), "init", None) == "x0_hat":
+            self.init_from_prior()
         self.step = 0
         self.resumed_from: int | None = None
         self.start_reason = "not started"
         self.diverged_detail: str | None = None
         self.seconds_before = 0.0
+
+    @torch.no_grad()
+    def init_from_prior(self) -> None:
+        """The official 2D notebook's start: the image is x0_hat(x_T) with the forward CFG, x_T ~ N(0, I), and a
+        cached kappa starts from eps(x_T), so the cached-kappa run is DDIM from x_T."""
+        from distill.ddim import predict_x0
+        from distill.guidance import guided_eps
+
+        img = self.scene.image
+        T = self.prior.num_train_timesteps - 1
+        shape = self.prior.latent_shape(img.shape[-2], img.shape[-1])
+        x_T = torch.randn((1, *shape), generator=self.generator).to(self.device)
+        cond = self.prompts(None, batch_size=1)
+        rule = getattr(self.spec.guidance, "cfg_rule", "standard")
+        eps = guided_eps(self.prior, x_T, torch.full((1,), T, device=self.device), cond, self.spec.cfg_pair.fwd, rule)
+        img.copy_(self.prior.decode(predict_x0(x_T, eps, self.prior.alphas_cumprod[T])).to(img.dtype))
+        if hasattr(self.kappa, "prime"):
+            self.kappa.prime(eps)
 
     # ----- state ---------------------------------------------------------------------------------
     def state(self) -> dict[str, Any]:

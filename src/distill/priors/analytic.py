@@ -182,7 +182,7 @@ class AnalyticPrior(DiffusionPrior):
     # ----- the exact model ----------------------------------------------------------------------
     def posterior(self, x_t: Tensor, t: Tensor, embeddings: Tensor) -> tuple[Tensor, Tensor]:
         """E[x0 | x_t] (pixel space) and responsibilities (N, Kc), both float64."""
-        ab = self.alphas_cumprod[t.long()].view(-1, 1, 1, 1)
+        ab = self.alpha_bar(t).view(-1, 1, 1, 1)
         z = self.to_dct(x_t.to(torch.float64))
         v = ab * self.lam + (1 - ab)  # (N, 3, n, n)
         mu = self.means_dct  # (Kc, 3, n, n)
@@ -195,13 +195,13 @@ class AnalyticPrior(DiffusionPrior):
         return self.from_dct(z0), resp
 
     def eps(self, x_t: Tensor, t: Tensor, embeddings: Tensor, cameras: Any | None = None) -> Tensor:
-        ab = self.alphas_cumprod[t.long()].view(-1, 1, 1, 1)
+        ab = self.alpha_bar(t).view(-1, 1, 1, 1)
         x0, _ = self.posterior(x_t, t, embeddings)
         return ((x_t.to(torch.float64) - ab.sqrt() * x0) / (1 - ab).sqrt()).to(x_t.dtype)
 
     def log_prob(self, x_t: Tensor, t: Tensor, embeddings: Tensor) -> Tensor:
         """log p_t(x_t) (N,), exact (float64)."""
-        ab = self.alphas_cumprod[t.long()].view(-1, 1, 1, 1)
+        ab = self.alpha_bar(t).view(-1, 1, 1, 1)
         z = self.to_dct(x_t.to(torch.float64))
         v = ab * self.lam + (1 - ab)
         diff = z[:, None] - ab.sqrt()[:, None] * self.means_dct[None]
@@ -237,11 +237,30 @@ class AnalyticPrior(DiffusionPrior):
         emb = self.embed_prompts([prompt])
         ll = self.log_prob(x0.to(torch.float64), torch.zeros(1, dtype=torch.long, device=self.device), emb)
         return {
+            **self.blend_metrics(x0, ci),
             "realism_high_band": band(self.high_mask),
             "realism_low_band": band(self.low_mask),
             "mahalanobis_per_dim": float(maha[j]) / dk.numel(),
             "log_likelihood": float(ll) / dk.numel(),  # nats per dimension under p_0 (ab(0) ~ 1)
             "nearest_component": int(comps[j]),
+        }
+
+    @torch.no_grad()
+    def blend_metrics(self, x0: Tensor, class_index: int) -> dict[str, float]:
+        """Commitment and contrast of an image (1, 3, n, n, prior space) against its class's component means:
+        least-squares weights w of x0 on the means (blend_w_max = max w / sum w: ~1 committed to one component,
+        ~0.5 an even two-component blend; blend_sum = sum w: < 1 faded towards grey), psnr_nearest (peak-to-peak 2,
+        to the nearest mean) and out_of_gamut (fraction of values with |x0| > scale)."""
+        x = x0.to(torch.float64).reshape(-1)
+        means = self.means[self.owner == class_index].reshape(-1, x.numel())  # (K, D)
+        w = torch.linalg.lstsq(means.T, x[:, None]).solution[:, 0]
+        mse = ((means - x[None]) ** 2).mean(-1).min()
+        peak = 2.0 * self.cfg.scale
+        return {
+            "blend_w_max": float(w.max() / w.sum()),
+            "blend_sum": float(w.sum()),
+            "psnr_nearest": float(10 * torch.log10(peak**2 / mse.clamp_min(1e-20))),
+            "out_of_gamut": float((x.abs() > self.cfg.scale).double().mean()),
         }
 
     def evaluate(self, scene, prompt: str, **_: Any) -> dict[str, float]:

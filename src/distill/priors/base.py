@@ -62,7 +62,8 @@ class DiffusionPrior(nn.Module, ABC):
 
     def alpha_bar(self, t: Tensor | int) -> Tensor:
         """alpha_bar(t) as float64 (t may be a tensor of integer timesteps)."""
-        t = torch.as_tensor(t, device=self.alphas_cumprod.device).long()
+        # a negative label (the official inversion's leading step queries the model at -99) means alpha_bar(0)
+        t = torch.as_tensor(t, device=self.alphas_cumprod.device).long().clamp_min(0)
         return self.alphas_cumprod[t]
 
     @abstractmethod

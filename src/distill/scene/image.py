@@ -17,12 +17,12 @@ from torch import Tensor, nn
 class ImageSceneConfig:
     height: int = 32
     width: int = 32
-    init: str = "gray"  # gray | noise
+    init: str = "gray"  # gray | noise | x0_hat (the trainer sets x0_hat(x_T), x_T ~ N(0, I): the 2D notebook)
     lr: float = 0.01
 
     def validate(self) -> None:
-        if self.init not in ("gray", "noise"):
-            raise ValueError(f"scene.init={self.init!r} is unknown; allowed: gray, noise")
+        if self.init not in ("gray", "noise", "x0_hat"):
+            raise ValueError(f"scene.init={self.init!r} is unknown; allowed: gray, noise, x0_hat")
         if self.height <= 0 or self.width <= 0:
             raise ValueError(f"scene.height/width must be positive, got {self.height}x{self.width}")
 
