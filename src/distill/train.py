@@ -123,6 +123,13 @@ def make_optimizer(spec: RunSpec, scene: torch.nn.Module) -> torch.optim.Optimiz
     return torch.optim.SGD(groups, lr=groups[0]["lr"], momentum=spec.optimizer.momentum)
 
 
+def image_contrast(img: np.ndarray) -> float:
+    """Luminance range (99th - 1st percentile) of a uint8 (H, W, 3) image in [0, 1] units: an object fading towards
+    the background loses its darkest and brightest parts first (the pixel std would also count early fog)."""
+    lum = img.astype(np.float64).mean(-1) / 255.0
+    return float(np.percentile(lum, 99) - np.percentile(lum, 1))
+
+
 def to_uint8(img: torch.Tensor) -> np.ndarray:
     """(3, H, W) or (1, 3, H, W) in [0, 1] -> (H, W, 3) uint8."""
     img = img.detach().float().cpu()
@@ -317,6 +324,7 @@ class Trainer:
                     snap = self.snapshot()
                     save_png(self.run_dir / "images" / f"step_{self.step:06d}.png", snap)
                     logger.log_image("progress", snap, self.step)
+                    logger.log_scalars({"contrast": image_contrast(snap)}, self.step)
         except (RuntimeError, MemoryError) as e:
             # the thesis counts out-of-memory runs as diverged: CUDA and CPU alike, and the sweep goes on
             if not is_out_of_memory(e):
@@ -402,6 +410,10 @@ class Trainer:
             imgs = [iio.imread(f) for f in frames[:: max(1, len(frames) // 10)]]
             strip = np.concatenate(imgs, axis=0 if self.is_3d else 1)
             save_png(self.run_dir / "strip.png", strip)
+            # does the object fade late? the final frame's contrast against the best progress frame's
+            best = max(image_contrast(iio.imread(f)) for f in frames)
+            out.update(contrast_final=image_contrast(final), contrast_best_progress=best)
+            out["contrast_final_over_best"] = out["contrast_final"] / max(best, 1e-12)
         if self.is_3d and self.spec.trainer.export:
             from distill import export
 

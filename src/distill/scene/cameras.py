@@ -26,6 +26,11 @@ class CameraSamplerConfig:
     fovy_deg: tuple[float, float] = (40.0, 70.0)
     elevation_deg: tuple[float, float] = (-10.0, 45.0)
     azimuth_deg: tuple[float, float] = (-180.0, 180.0)
+    # 0: a new random camera every step (official). N > 0: N views drawn once from the same ranges (seed
+    # pool_seed) and one of them per step: a prior that caches per-view work (the exact 3D prior's traced
+    # geometry) then pays it N times instead of every step
+    pool: int = 0
+    pool_seed: int = 0
 
     def validate(self, where: str = "camera") -> None:
         for name in ("distance", "fovy_deg", "elevation_deg", "azimuth_deg"):
@@ -40,6 +45,8 @@ class CameraSamplerConfig:
             raise ValueError(f"{where}.elevation_deg={list(self.elevation_deg)} must lie inside [-90, 90] degrees")
         if self.distance[0] <= 0:
             raise ValueError(f"{where}.distance={list(self.distance)} must be positive")
+        if self.pool < 0:
+            raise ValueError(f"{where}.pool={self.pool} must be >= 0 (0 = a new random camera every step)")
         for name in ("height", "width", "batch_size"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{where}.{name}={getattr(self, name)} must be a positive integer")
@@ -153,13 +160,30 @@ def _uniform(lo: float, hi: float, n: int, generator: torch.Generator | None) ->
 def sample_cameras(
     cfg: CameraSamplerConfig, generator: torch.Generator | None = None, device: torch.device | str = "cpu"
 ) -> Cameras:
-    """Random training cameras, uniform in each range (elevation uniform in degrees, as threestudio)."""
+    """Random training cameras, uniform in each range (elevation uniform in degrees, as threestudio); with
+    ``cfg.pool`` > 0, ``batch_size`` views picked uniformly from a fixed pool drawn once from those ranges."""
+    if cfg.pool:
+        pool = camera_pool(cfg)
+        idx = torch.randint(0, cfg.pool, (cfg.batch_size,), generator=generator)
+        return pool[idx].to(device)
     n = cfg.batch_size
     dist = _uniform(*cfg.distance, n, generator)
     fovy = _uniform(*cfg.fovy_deg, n, generator)
     elev = _uniform(*cfg.elevation_deg, n, generator)
     azim = _uniform(*cfg.azimuth_deg, n, generator)
     return cameras_from_spherical(elev, azim, dist, fovy, cfg.height, cfg.width).to(device)
+
+
+def camera_pool(cfg: CameraSamplerConfig) -> Cameras:
+    """The fixed views of ``cfg.pool`` (deterministic in the config: the same pool in every run and on resume)."""
+    key = repr({k: v for k, v in sorted(cfg.__dict__.items()) if k != "batch_size"})
+    if key not in _POOLS:
+        one = CameraSamplerConfig(**{**cfg.__dict__, "pool": 0, "batch_size": cfg.pool})
+        _POOLS[key] = sample_cameras(one, torch.Generator().manual_seed(cfg.pool_seed))
+    return _POOLS[key]
+
+
+_POOLS: dict[str, Cameras] = {}
 
 
 def orbit_cameras(
