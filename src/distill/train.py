@@ -231,7 +231,7 @@ class Trainer:
     def cameras(self):
         if not self.is_3d:
             return None
-        return sample_cameras(self.spec.camera, self.generator, self.device)
+        return sample_cameras(self.spec.camera.at_step(self.step), self.generator, self.device)
 
     def preview_cameras(self, n: int = 4):
         c = self.spec.camera

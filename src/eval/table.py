@@ -100,8 +100,11 @@ _METHOD_ALIASES = {
     "prolificdreamer": "vsd",
     "esd": "esd",
     "hifa": "hifa",
+    "csd": "csd",
+    "nfsd": "nfsd",
 }
-_METHOD_LABELS = {"sds": "SDS", "sdi": "SDI", "vsd": "VSD", "esd": "ESD", "hifa": "HiFA"}
+# CSD and NFSD are not in the paper's table (related work only): their rows have no paper row beside them
+_METHOD_LABELS = {"sds": "SDS", "sdi": "SDI", "vsd": "VSD", "esd": "ESD", "hifa": "HiFA", "csd": "CSD", "nfsd": "NFSD"}
 
 # metrics.json entries that are bookkeeping, not ground-truth metrics
 _NOT_GT = {
@@ -119,6 +122,9 @@ _NOT_GT = {
     "prompt",
     "device",
     "error",
+    "start",
+    "diverged_detail",
+    "guidance_trainable_params",
 }
 _NOT_GT_PATTERN = re.compile(r"(mesh|video|vertices|faces|frames|_path$|_file$|^n_)")
 _GT_FIRST = ["psnr", "ssim", "texture_realism", "realism_high_band", "realism_low_band", "mode_commitment"]

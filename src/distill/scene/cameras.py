@@ -8,6 +8,7 @@ along its -z axis, +y is up in the image). Azimuth 0 is the "front" of an object
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 
@@ -31,6 +32,19 @@ class CameraSamplerConfig:
     # geometry) then pays it N times instead of every step
     pool: int = 0
     pool_seed: int = 0
+    # render-size milestones [[step, height, width], ...]: from `step` on, train at that size (ProlificDreamer /
+    # VSD: 64 -> 512 at step 5000). Previews and evaluation use height x width.
+    milestones: list[list[int]] = field(default_factory=list)
+
+    def at_step(self, step: int) -> CameraSamplerConfig:
+        """This config with the render size in force at training step ``step``."""
+        size = None
+        for m in sorted(self.milestones):
+            if step >= m[0]:
+                size = m
+        if size is None:
+            return self
+        return dataclasses.replace(self, height=int(size[1]), width=int(size[2]), milestones=[])
 
     def validate(self, where: str = "camera") -> None:
         for name in ("distance", "fovy_deg", "elevation_deg", "azimuth_deg"):
@@ -45,6 +59,9 @@ class CameraSamplerConfig:
             raise ValueError(f"{where}.elevation_deg={list(self.elevation_deg)} must lie inside [-90, 90] degrees")
         if self.distance[0] <= 0:
             raise ValueError(f"{where}.distance={list(self.distance)} must be positive")
+        for m in self.milestones:
+            if len(m) != 3 or m[0] < 0 or m[1] <= 0 or m[2] <= 0:
+                raise ValueError(f"{where}.milestones entry {list(m)} must be [step >= 0, height > 0, width > 0]")
         if self.pool < 0:
             raise ValueError(f"{where}.pool={self.pool} must be >= 0 (0 = a new random camera every step)")
         for name in ("height", "width", "batch_size"):
