@@ -27,3 +27,17 @@ def tiny_sd_dir(tmp_path_factory) -> Path:
     from tiny_sd import build_tiny_sd
 
     return build_tiny_sd(tmp_path_factory.mktemp("tiny-sd") / "pipe")
+
+
+@pytest.fixture(scope="session")
+def test_device() -> torch.device:
+    """The device for tests that take one: ``SDI_TEST_DEVICE`` (cpu | cuda | cuda:N), default cpu.
+    benchmarks/gpu/check.sh runs the suite with SDI_TEST_DEVICE=cuda on a GPU machine."""
+    name = os.environ.get("SDI_TEST_DEVICE", "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError as e:
+        pytest.fail(f"SDI_TEST_DEVICE={name!r} is not a torch device ({e}); use cpu, cuda or cuda:N")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        pytest.fail(f"SDI_TEST_DEVICE={name!r} but torch sees no CUDA device here; unset it or use cpu")
+    return dev
