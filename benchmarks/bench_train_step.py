@@ -145,8 +145,12 @@ def bench_method(name: str, a: argparse.Namespace) -> dict:
         f"trainer.device={a.device}",
         f"trainer.max_steps={a.project_steps}",
         f"seed={a.seed}",
-        *a.overrides,
     ]
+    if "phi" in compose_config([f"guidance={name}"]).guidance:
+        # VSD / ESD: phi is a second UNet (the reference's SD 2.1 768-v is not on the machine): a second copy of
+        # the same random-weight pipeline stands in, so memory and time count two UNets as the reference does
+        overrides.append(f"guidance.phi.model={a.model}")
+    overrides += a.overrides  # the caller's overrides win
     row: dict = {"guidance": name, "status": "failed", "overrides": overrides}
     device = torch.device(a.device)
     t_build = time.perf_counter()
