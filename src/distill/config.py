@@ -132,12 +132,11 @@ def explain_group_conflict(cfg: Any, key: str) -> str:
                     for n, o in _group_options("experiment").items()
                     if any(isinstance(d, dict) and d.get(f"override /{group}") in here for d in o.get("defaults", []))
                 ]
-                fix = f"with {other}={name} use {group}={' or '.join(accepting)}" if accepting else ""
+                fix = f"with {other}={name} use " + " or ".join(f"{group}={a}" for a in accepting) if accepting else ""
                 if two_d:
-                    fix += (
-                        f"; for a {group}={here[0]} run use experiment={' or '.join(two_d)}, "
-                        f"which picks a {other} that fits it"
-                    )
+                    two_d.sort(key=len)  # the plainest preset first
+                    fix += f"; for a {group}={here[0]} run use " + " or ".join(f"experiment={e}" for e in two_d)
+                    fix += f", which picks a {other} that fits it"
                 return (
                     f" -- {group}.{field} is set by {other}={name} (conf/{other}/{name}.yaml), and {group}={here[0]} "
                     f"has no such key: {other}={name} and {group}={here[0]} do not fit together ({fix})"

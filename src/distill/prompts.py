@@ -54,6 +54,12 @@ class Conditioning:
     negatives: Tensor | None = None
     neg_weights: Tensor | None = None
     cameras: Cameras | None = None
+    text: Tensor | None = None  # (B, ...) the plain prompt without view suffix (VSD's phi is fed this); None = cond
+
+    @property
+    def plain(self) -> Tensor:
+        """The view-independent prompt rows (``text``, or ``cond`` when the prompt has no view suffix)."""
+        return self.cond if self.text is None else self.text
 
     @property
     def batch_size(self) -> int:
@@ -129,8 +135,9 @@ class PromptProcessor:
         dirs = direction_index(self.cfg, cameras.elevation.cpu(), cameras.azimuth.cpu())
         B = len(cameras)
         uncond = self.uncond.expand(B, *self.uncond.shape[1:])
+        text = self.text.expand(B, *self.text.shape[1:])
         if not self.cfg.perp_neg:
-            return Conditioning(self.text_vd[dirs.to(self.text_vd.device)], uncond, cameras=cameras)
+            return Conditioning(self.text_vd[dirs.to(self.text_vd.device)], uncond, cameras=cameras, text=text)
         pos, negs, weights = [], [], []
         for b in range(B):
             p, n, w = perp_neg_rows(self.cfg, int(dirs[b]), float(cameras.azimuth[b]))
@@ -139,4 +146,4 @@ class PromptProcessor:
             weights.append(w)
         negatives = torch.stack(negs, dim=1)  # (n_neg, B, ...)
         w = torch.tensor(weights, dtype=torch.float32, device=self.text.device)
-        return Conditioning(torch.stack(pos), uncond, negatives, w, cameras)
+        return Conditioning(torch.stack(pos), uncond, negatives, w, cameras, text)

@@ -10,8 +10,8 @@ Both replace SDS's noise by a trainable model phi of the current scene's render 
     grad = w(t) (eps_pre - eps_est),  w = 1 - ab;  loss = 0.5 ||x0 - sg(x0 - grad)||^2 / B   (d loss / d x0 = grad / B)
 then phi takes one denoising step on the detached render with its own t' ~ U[0, T) (``Phi.train_step``), after the
 gradient above is formed (threestudio sums both losses into one optimiser step; the graphs are disjoint).
-phi's text input is ``cond.cond`` (the reference feeds phi the view-independent prompt; with view-dependent prompting
-on prior=sd21 cond.cond carries the view suffix). Without cameras (2D) the null and camera branches coincide and ESD
+phi's text input is the view-independent prompt (``cond.plain``), as in the reference; the frozen model gets the
+view-dependent one. Without cameras (2D) the null and camera branches coincide and ESD
 equals VSD. Cost per step: pretrained 1 call of 2 rows (no grad), phi 1 call of 1 (VSD) or 2 (ESD) rows (no grad),
 phi's train step 1 call of 1 row with a backward to the LoRA / camera embedding.
 """
@@ -85,12 +85,12 @@ class VSD(Guidance):
         n = noised_render(x0, self.schedule, self.prior.alphas_cumprod, step, max_steps, generator)
         with torch.no_grad():
             eps_pre = guided_eps(self.prior, n.x_t, n.t_vec, cond, self.cfg_pair.fwd, c.cfg_rule)
-            eps_est = self.phi_eps(n.x_t, n.t_vec, cond.cond, cond.cameras)
+            eps_est = self.phi_eps(n.x_t, n.t_vec, cond.plain, cond.cameras)
             w = weight(n.ab, c.weighting)
             grad = torch.nan_to_num(w.to(eps_pre.dtype) * (eps_pre - eps_est))
         loss = gradient_loss(x0, grad, c.loss_reduction)
         stats = {"t": n.t, "grad_norm": float(grad.norm())}
-        stats.update(self.phi.train_step(x0.detach(), cond.cond, cond.cameras, generator))
+        stats.update(self.phi.train_step(x0.detach(), cond.plain, cond.cameras, generator))
         return GuidanceOutput(loss, n.t, n.t, n.x_t, eps_est, eps_pre, x0.detach() - grad, 3, stats)
 
     def state_dict(self) -> dict:
