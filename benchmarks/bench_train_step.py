@@ -170,7 +170,7 @@ def bench_method(name: str, a: argparse.Namespace) -> dict:
     real_backward = torch.autograd.backward
     torch.autograd.backward = timers.wrap("backward", real_backward)
     null = _Null()
-    totals, parts, calls, nan_steps, done_steps = [], defaultdict(list), [], 0, []
+    totals, parts, calls, rows, nan_steps, done_steps = [], defaultdict(list), [], [], 0, []
     try:
         warm = step_schedule(a.warmup, a.project_steps, a.seed + 1) if a.warmup else []
         for s in warm:  # compile kernels, fill caches, allocate (not timed)
@@ -185,7 +185,7 @@ def bench_method(name: str, a: argparse.Namespace) -> dict:
             if done_steps and time.perf_counter() - t_loop > a.method_seconds:
                 break
             tr.step = s
-            c0 = tr.prior.unet_calls
+            c0, r0 = tr.prior.unet_calls, tr.prior.unet_rows
             sync(device)
             t0 = time.perf_counter()
             reason = tr.train_step(null, null)
@@ -197,6 +197,7 @@ def bench_method(name: str, a: argparse.Namespace) -> dict:
                 parts[k].append(acc.get(k, 0.0))
             parts["other"].append(total - sum(acc.values()))
             calls.append(tr.prior.unet_calls - c0)
+            rows.append(tr.prior.unet_rows - r0)
             nan_steps += reason is not None
             done_steps.append(s)
     finally:
@@ -218,6 +219,8 @@ def bench_method(name: str, a: argparse.Namespace) -> dict:
         parts_ms={k: 1e3 * statistics.fmean(v) for k, v in parts.items()},
         parts_share={k: statistics.fmean(v) / mean for k, v in parts.items()},
         unet_calls_per_step=statistics.fmean(calls),
+        unet_rows_per_step=statistics.fmean(rows),
+        extra_trainable_params=sum(p.numel() for p in tr.guidance.trainable_parameters()),
         nonfinite_steps=nan_steps,
         **mem,
         projected_minutes=proj_min,

@@ -3,8 +3,8 @@
 import numpy as np
 import torch
 
+from distill.images import image_contrast
 from distill.scene.cameras import CameraSamplerConfig, camera_pool, sample_cameras
-from distill.train import image_contrast
 
 
 def test_camera_pool_draws_only_pool_views_deterministically():
