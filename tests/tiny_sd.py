@@ -104,8 +104,8 @@ def tiny_vae_config() -> dict:
 
 def build_tiny_sd(out_dir: str | Path, seed: int = 0) -> Path:
     """Write the tiny pipeline into ``out_dir`` and return it."""
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -133,9 +133,16 @@ def build_tiny_sd(out_dir: str | Path, seed: int = 0) -> Path:
             pad_token_id=1,
         )
     )
+    return save_pipeline(out, unet, vae, text_encoder, DDIMScheduler(**SD21_SCHEDULER))
+
+
+def save_pipeline(out: Path, unet, vae, text_encoder, scheduler) -> Path:
+    """Save a StableDiffusionPipeline of these modules (tokenizer from open_clip's vocabulary) into ``out``."""
+    from diffusers import StableDiffusionPipeline
+    from transformers import CLIPTokenizer
+
     vocab_dir = write_clip_vocab(out / "_vocab")
     tokenizer = CLIPTokenizer.from_pretrained(str(vocab_dir), model_max_length=77, pad_token="!")
-    scheduler = DDIMScheduler(**SD21_SCHEDULER)
     pipe = StableDiffusionPipeline(
         vae=vae,
         text_encoder=text_encoder,

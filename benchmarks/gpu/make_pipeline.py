@@ -45,9 +45,9 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 def build_sd21_base(out: Path, device: str = "cpu", dtype: str = "fp16", seed: int = 0) -> Path:
     from bench_sd_step import SCHEDULER_CONFIG, UNET_CONFIG, VAE_CONFIG
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from tiny_sd import write_clip_vocab
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from tiny_sd import save_pipeline
+    from transformers import CLIPTextConfig, CLIPTextModel
 
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
@@ -57,23 +57,7 @@ def build_sd21_base(out: Path, device: str = "cpu", dtype: str = "fp16", seed: i
         text_encoder = CLIPTextModel(CLIPTextConfig(**SD21_TEXT))
     for m in (unet, vae, text_encoder):
         m.to(DTYPES[dtype])
-    vocab_dir = write_clip_vocab(out / "_vocab")
-    tokenizer = CLIPTokenizer.from_pretrained(str(vocab_dir), model_max_length=77, pad_token="!")
-    pipe = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=DDIMScheduler(**SCHEDULER_CONFIG),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.save_pretrained(str(out))
-    for f in vocab_dir.iterdir():
-        f.unlink()
-    vocab_dir.rmdir()
-    return out
+    return save_pipeline(out, unet, vae, text_encoder, DDIMScheduler(**SCHEDULER_CONFIG))
 
 
 def main(argv=None) -> dict:
