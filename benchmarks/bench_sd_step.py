@@ -58,6 +58,8 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
+from distill.priors.stable_diffusion import SD21_SCHEDULER  # noqa: E402
+
 # stabilityai/stable-diffusion-2-1-base unet/config.json (the fields that shape compute)
 UNET_CONFIG = dict(
     sample_size=64,
@@ -103,16 +105,7 @@ TINY_UNET = dict(
     norm_num_groups=8,
 )
 TINY_VAE = dict(VAE_CONFIG, block_out_channels=(8, 8, 16, 16), layers_per_block=1, norm_num_groups=4)
-SCHEDULER_CONFIG = dict(
-    num_train_timesteps=1000,
-    beta_start=0.00085,
-    beta_end=0.012,
-    beta_schedule="scaled_linear",
-    clip_sample=False,
-    set_alpha_to_one=False,
-    steps_offset=1,
-    prediction_type="epsilon",
-)
+SCHEDULER_CONFIG = SD21_SCHEDULER  # stabilityai/stable-diffusion-2-1-base's, as a DDIM scheduler
 TEXT_LEN, TEXT_DIM = 77, 1024
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 

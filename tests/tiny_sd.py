@@ -27,16 +27,7 @@ from pathlib import Path
 
 import torch
 
-SD21_SCHEDULER = dict(
-    num_train_timesteps=1000,
-    beta_start=0.00085,
-    beta_end=0.012,
-    beta_schedule="scaled_linear",
-    clip_sample=False,
-    set_alpha_to_one=False,
-    steps_offset=1,
-    prediction_type="epsilon",
-)
+from distill.priors.stable_diffusion import SD21_SCHEDULER
 
 TEXT_DIM = 32
 
