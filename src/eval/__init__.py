@@ -6,7 +6,8 @@
 
 Modules: ``runs`` (finding / reading run directories), ``divergence`` (what counts as diverged),
 ``clip_models`` (offline CLIP loading, HF or open_clip), ``metrics`` (torchmetrics CLIPScore and
-CLIP-IQA with a pinned input range), ``render``, ``score``, ``table``. See docs/evaluation.md.
+CLIP-IQA with a pinned input range), ``render``, ``score``, ``table`` (a package: paper rows,
+aggregation, one module per output format). See docs/evaluation.md.
 
 Importing this package is cheap (no torch); submodules import what they need.
 """
