@@ -160,7 +160,72 @@ def contact_sheet(images: list[np.ndarray], columns: int = 10, thumb: int = 128,
     return sheet
 
 
-def _checkpoint_stamp(run_dir: Path) -> dict[str, Any] | None:
+@dataclass
+class RenderedViews:
+    """Views of one scene: (H,W,3) uint8 images, per-view mean opacity (None for scenes without
+    opacity), the number of views with NaN/Inf pixels, and whether the scene ignored the cameras."""
+
+    images: list[np.ndarray]
+    mean_opacity: list[float] | None
+    nan_views: int
+    camera_independent: bool
+
+
+def render_cameras(
+    scene: Any,
+    cams: Any,
+    batch_size: int = 4,
+    shading: str | None = None,
+    generator: Any = None,
+    progress: bool = False,
+    desc: str = "render",
+) -> RenderedViews:
+    """``scene.render(cams[batch], generator, shading)`` in batches, without gradients.
+
+    A scene whose render ignores the cameras (batch 1 for a larger batch: the 2D image scene) is
+    expanded to one copy per camera and flagged ``camera_independent``; NaN pixels are counted per
+    view and written as 0.
+    """
+    import torch
+    from tqdm.auto import tqdm
+
+    n = len(cams)
+    images: list[np.ndarray] = []
+    mean_opacity: list[float] | None = []
+    nan_views, independent = 0, False
+    kwargs: dict[str, Any] = {"generator": generator, "shading": shading}
+    bar = tqdm(total=n, desc=desc, unit="view", disable=not progress, dynamic_ncols=True)
+    with torch.no_grad():
+        for i in range(0, n, batch_size):
+            idx = torch.arange(i, min(i + batch_size, n), device=cams.c2w.device)
+            out = scene.render(cams[idx], **kwargs)
+            rgb = out["rgb"].detach().float()
+            if rgb.ndim == 3:
+                rgb = rgb[None]
+            if rgb.shape[-1] == 3 and rgb.shape[1] != 3:  # (B,H,W,3) -> (B,3,H,W)
+                rgb = rgb.permute(0, 3, 1, 2)
+            if rgb.shape[0] == 1 and len(idx) > 1:  # camera-independent scene (2D image)
+                rgb = rgb.expand(len(idx), *rgb.shape[1:])
+                independent = True
+            if rgb.shape[0] != len(idx):
+                raise EvalError(f"scene.render returned {rgb.shape[0]} images for {len(idx)} cameras")
+            finite = torch.isfinite(rgb).flatten(1).all(dim=1)
+            nan_views += int((~finite).sum())
+            op = out.get("opacity")
+            if op is None or mean_opacity is None:
+                mean_opacity = None
+            else:
+                op = op.detach().float()
+                if op.shape[0] == 1 and len(idx) > 1:
+                    op = op.expand(len(idx), *op.shape[1:])
+                mean_opacity += op.flatten(1).mean(dim=1).cpu().tolist()
+            images += [to_uint8(a) for a in rgb.cpu().numpy()]
+            bar.update(len(idx))
+    bar.close()
+    return RenderedViews(images, mean_opacity, nan_views, independent)
+
+
+def checkpoint_stamp(run_dir: Path) -> dict[str, Any] | None:
     p = run_dir / CHECKPOINT
     if not p.is_file():
         return None
@@ -172,7 +237,7 @@ def is_up_to_date(run_dir: Path, opts: RenderOptions) -> bool:
     info, _ = read_json(run_dir / RENDER_JSON)
     if not info or info.get("version") != RENDER_VERSION:
         return False
-    if info.get("options") != opts.key() or info.get("checkpoint") != _checkpoint_stamp(run_dir):
+    if info.get("options") != opts.key() or info.get("checkpoint") != checkpoint_stamp(run_dir):
         return False
     return len(view_paths(run_dir)) == opts.n_views
 
@@ -189,7 +254,6 @@ def render_run(
     """Render ``opts.n_views`` orbit views of one run (see module docstring)."""
     import torch
     from PIL import Image
-    from tqdm.auto import tqdm
 
     run_dir = require_run_dir(run_dir)
     opts = opts or RenderOptions()
@@ -228,52 +292,24 @@ def render_run(
     views_dir.mkdir(parents=True, exist_ok=True)
     for old in view_paths(run_dir):
         old.unlink()
-    thumbs: list[np.ndarray] = []
-    mean_opacity: list[float] | None = []
-    nan_views = 0
-    size: tuple[int, int] | None = None
     shading = eval_shading(scene, opts.shading)
-    kwargs: dict[str, Any] = {"generator": gen, "shading": shading}
-    n = opts.n_views
-    bar = tqdm(total=n, desc=f"render {run_dir.name}", unit="view", disable=not progress, dynamic_ncols=True)
-    with torch.no_grad():
-        for i in range(0, n, opts.batch_size):
-            idx = torch.arange(i, min(i + opts.batch_size, n), device=cams.c2w.device)
-            out = scene.render(cams[idx], **kwargs)
-            rgb = out["rgb"].detach().float()
-            if rgb.ndim == 3:
-                rgb = rgb[None]
-            if rgb.shape[-1] == 3 and rgb.shape[1] != 3:  # (B,H,W,3) -> (B,3,H,W)
-                rgb = rgb.permute(0, 3, 1, 2)
-            if rgb.shape[0] == 1 and len(idx) > 1:  # camera-independent scene (2D image)
-                rgb = rgb.expand(len(idx), *rgb.shape[1:])
-            if rgb.shape[0] != len(idx):
-                raise EvalError(f"{run_dir}: scene.render returned {rgb.shape[0]} images for {len(idx)} cameras")
-            finite = torch.isfinite(rgb).flatten(1).all(dim=1)
-            nan_views += int((~finite).sum())
-            op = out.get("opacity")
-            if op is None or mean_opacity is None:
-                mean_opacity = None
-            else:
-                op = op.detach().float()
-                if op.shape[0] == 1 and len(idx) > 1:
-                    op = op.expand(len(idx), *op.shape[1:])
-                mean_opacity += op.flatten(1).mean(dim=1).cpu().tolist()
-            arr = rgb.cpu().numpy()
-            for k in range(arr.shape[0]):
-                img = to_uint8(arr[k])
-                size = (int(img.shape[0]), int(img.shape[1]))
-                Image.fromarray(img).save(views_dir / f"view_{i + k:03d}.png")
-                thumbs.append(img)
-            bar.update(len(idx))
-    bar.close()
+    try:
+        views = render_cameras(
+            scene, cams, opts.batch_size, shading, gen, progress=progress, desc=f"render {run_dir.name}"
+        )
+    except EvalError as e:
+        raise EvalError(f"{run_dir}: {e}") from None
+    for k, img in enumerate(views.images):
+        Image.fromarray(img).save(views_dir / f"view_{k:03d}.png")
+    thumbs, mean_opacity, nan_views, n = views.images, views.mean_opacity, views.nan_views, opts.n_views
+    size = (int(thumbs[0].shape[0]), int(thumbs[0].shape[1])) if thumbs else None
     Image.fromarray(contact_sheet(thumbs, columns=min(10, n))).save(run_dir / CONTACT_SHEET)
 
     empty_flags = divergence.empty_views(mean_opacity, opts.empty_opacity) if mean_opacity is not None else None
     info = {
         "version": RENDER_VERSION,
         "options": opts.key(),
-        "checkpoint": _checkpoint_stamp(run_dir),
+        "checkpoint": checkpoint_stamp(run_dir),
         "trainer_status": status,
         "steps": (metrics or {}).get("steps"),
         "n_views": n,
