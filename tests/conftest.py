@@ -41,3 +41,25 @@ def test_device() -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         pytest.fail(f"SDI_TEST_DEVICE={name!r} but torch sees no CUDA device here; unset it or use cpu")
     return dev
+
+
+@pytest.fixture(scope="session")
+def smoke_sweep(tmp_path_factory):
+    """``run(name, *overrides)`` -> the sweep directory of ``python train.py -m +sweep=<name> <overrides>``
+    (the real trainer, the sweep-end callback included), each distinct call run once per test session."""
+    import subprocess
+
+    done: dict[tuple, Path] = {}
+
+    def run(name: str, *overrides: str) -> Path:
+        key = (name, overrides)
+        if key not in done:
+            out = tmp_path_factory.mktemp(name)
+            cmd = [sys.executable, "train.py", "-m", f"+sweep={name}", f"paths.output_root={out}", "trainer.threads=1"]
+            r = subprocess.run(cmd + list(overrides), cwd=ROOT, capture_output=True, text=True, timeout=900)
+            assert r.returncode == 0, r.stderr[-3000:]
+            (sweep,) = (out / "sweeps").iterdir()
+            done[key] = sweep
+        return done[key]
+
+    return run

@@ -1,9 +1,11 @@
-"""Command line: ``python -m eval {render,score,table,all} RUN_OR_SWEEP [options]``.
+"""Command line: ``python -m eval {render,score,table,all,figure,report} RUN_OR_SWEEP [options]``.
 
     python -m eval render outputs/sweep --views 50 --resolution 512
     python -m eval score  outputs/sweep --clip-model /models/clip-vit-base-patch16
     python -m eval table  outputs/sweep --prompts ../shared/prompts/sdi43.txt --wandb
     python -m eval all    outputs/sweep --clip-model ...        # render + score + table
+    python -m eval figure outputs/sweep [--wandb]              # eval/figure.png|pdf|json
+    python -m eval report outputs/sweep                        # eval/report.html (one offline file)
 
 Every command takes one run directory or a sweep directory (runs at any depth). Exit status:
 0 all good, 1 some run failed to render/score (the others are done), 2 bad arguments / not a run.
@@ -93,6 +95,25 @@ def _add_table_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--wandb-name", default=None)
 
 
+def _add_figure_options(p: argparse.ArgumentParser, report: bool = False) -> None:
+    p.add_argument("path", type=Path, help="a run directory or a sweep directory holding runs")
+    p.add_argument("--out", type=Path, default=None, help="output directory (default PATH/eval)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
+    p.add_argument("--overwrite", action="store_true", help="render the cached views / turntables again")
+    g = p.add_argument_group("figure")
+    g.add_argument("--view-size", type=int, default=160, help="pixels per view in the figure (default 160)")
+    g.add_argument("--shading", default="auto", help="shading of the views, as for render (default auto)")
+    if report:
+        g.add_argument("--turntable-frames", type=int, default=24, help="frames per turntable GIF (default 24)")
+        g.add_argument("--turntable-size", type=int, default=128, help="turntable pixels (default 128)")
+        g.add_argument("--no-paper", action="store_true", help="leave out the paper's Table 6.1 rows")
+    else:
+        g.add_argument("--wandb", action="store_true", help="also log the figure to W&B (offline without a key)")
+        g.add_argument("--wandb-project", default="sdi-lab")
+        g.add_argument("--wandb-entity", default=None)
+        g.add_argument("--wandb-name", default=None)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m eval",
@@ -115,6 +136,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_score_options(p)
     _add_render_options(p)
     _add_table_options(p)
+    p = sub.add_parser("figure", help="the sweep's figure: swept values x prompts -> figure.png / .pdf / .json")
+    _add_figure_options(p)
+    p = sub.add_parser("report", help="one offline HTML page: table, figure, runs, turntables, curves")
+    _add_figure_options(p, report=True)
     return parser
 
 
@@ -229,6 +254,54 @@ def cmd_table(args: argparse.Namespace) -> int:
     return 0
 
 
+def _view_opts(args: argparse.Namespace):
+    from eval.views import ViewOptions
+
+    opts = ViewOptions(size=args.view_size, shading=args.shading)
+    if getattr(args, "turntable_frames", None) is not None:
+        opts.turntable_frames, opts.turntable_size = args.turntable_frames, args.turntable_size
+    for flag, value in (
+        ("--view-size", opts.size),
+        ("--turntable-frames", opts.turntable_frames),
+        ("--turntable-size", opts.turntable_size),
+    ):
+        if value <= 0:
+            raise EvalError(f"{flag} must be positive, got {value}")
+    return opts
+
+
+def cmd_figure(args: argparse.Namespace) -> int:
+    find_runs(args.path)  # fail fast on a bad path
+    from eval.figure import log_wandb_figure, make_figure
+
+    fig = make_figure(args.path, args.out, _view_opts(args), device=args.device, overwrite=args.overwrite)
+    d = fig.data
+    states: dict[str, int] = {}
+    for c in d["cells"]:
+        states[c["state"]] = states.get(c["state"], 0) + 1
+    print(
+        f"figure: {len(d['columns'])} columns ({', '.join(d['column_axes']) or 'method'}) x {len(d['rows'])} rows "
+        f"({', '.join(f'{v} {k}' for k, v in states.items())}) -> {fig.png}, {fig.pdf}, {fig.sidecar}"
+    )
+    if args.wandb:
+        info = log_wandb_figure(fig, args.wandb_project, args.wandb_name, args.wandb_entity, out_dir=fig.png.parent)
+        print(
+            f"W&B ({info['mode']}): run {info['id']} in {info['dir']}" + (f" {info['url']}" if info.get("url") else "")
+        )
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    find_runs(args.path)
+    from eval.report import build_report
+
+    path = build_report(
+        args.path, args.out, _view_opts(args), device=args.device, overwrite=args.overwrite, paper=not args.no_paper
+    )
+    print(f"report: {path} ({path.stat().st_size / 1e6:.1f} MB, self-contained; open it in a browser)")
+    return 0
+
+
 def cmd_all(args: argparse.Namespace) -> int:
     code = cmd_score(args)  # renders what is missing
     return max(code, cmd_table(args))
@@ -237,7 +310,15 @@ def cmd_all(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return {"render": cmd_render, "score": cmd_score, "table": cmd_table, "all": cmd_all}[args.command](args)
+        commands = {
+            "render": cmd_render,
+            "score": cmd_score,
+            "table": cmd_table,
+            "all": cmd_all,
+            "figure": cmd_figure,
+            "report": cmd_report,
+        }
+        return commands[args.command](args)
     except EvalError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
