@@ -164,8 +164,8 @@ def make_figure(
             )
     for c, col in enumerate(grid.columns):
         x0 = lay.left + c * (cell_w + lay.spacing)
-        fig.text((x0 + cell_w / 2) / W, 1 - (lay.top - 6) / H, _wrap(col.label, cell_w), ha="center", va="bottom",
-                 fontsize=10, fontweight="bold")  # fmt: skip
+        fig.text((x0 + cell_w / 2) / W, 1 - (lay.top - 6) / H, _wrap(col.label, cell_w, 8.0), ha="center", va="bottom",
+                 fontsize=9, fontweight="bold")  # fmt: skip
         if n_views > 1:
             for k, name in enumerate(names):
                 xv = x0 + k * (size + lay.gap) + size / 2

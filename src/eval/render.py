@@ -116,7 +116,7 @@ def eval_shading(scene: Any, requested: str | None = "auto") -> str | None:
     return "lambertian"
 
 
-def _default_load_scene(run_dir: Path, device: str):
+def default_load_scene(run_dir: Path, device: str):
     try:
         from distill.rundir import load_scene
     except ImportError as e:
@@ -281,7 +281,7 @@ def render_run(
 
     device = resolve_device(device)
     t0 = time.time()
-    cfg, scene = (load_scene or _default_load_scene)(run_dir, device)
+    cfg, scene = (load_scene or default_load_scene)(run_dir, device)
     if hasattr(scene, "eval"):
         scene.eval()
     H = W = int(opts.resolution)

@@ -37,7 +37,7 @@ nav a{margin-right:1em}
 table{border-collapse:collapse;font-size:.85em;margin:.5em 0}
 th,td{border:1px solid #ddd;padding:.25em .5em;text-align:right;white-space:nowrap}
 th{background:#f3f3f3}td.l,th.l{text-align:left}.scroll{overflow-x:auto}
-td.wrap{white-space:normal;word-break:break-all;min-width:16em}
+td.wrap{white-space:normal;word-break:break-all;min-width:18em;font-size:.9em}
 tr.paper td{color:#555;background:#fafafa;font-style:italic}
 tr.diverged td{background:#fde8e8}tr.diverged td.state{color:#b00;font-weight:bold}
 tr.running td,tr.missing td,tr.failed td{background:#fff6df}
@@ -229,9 +229,10 @@ def build_report(
     axes = ", ".join(a.key for a in grid.column_axes) or "method"
     body = f"""
 <h1>Sweep report: {_e(root.name)}</h1>
-<p class="muted">{_e(root.resolve())}; written {_e(time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()))} by
-<code>python -m eval report</code>. Runs: {len(agg.records)} ({_e(", ".join(f"{v} {k}" for k, v in counts.items()))})
-{f", {len(agg.broken)} unreadable" if agg.broken else ""}. Columns: {_e(axes)} ({len(grid.columns)}), rows: prompts
+<p class="muted">{_e(root)}; written {_e(time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()))} by
+<code>python -m eval report</code>. Runs: {len(agg.records)} ({_e(", ".join(f"{v} {k}" for k, v in counts.items()))}{
+        f", {len(agg.broken)} unreadable" if agg.broken else ""
+    }). Columns: {_e(axes)} ({len(grid.columns)}), rows: prompts
 ({len(grid.rows)}).</p>
 <nav><a href="#table">Table 6.1</a><a href="#figure">Figure</a><a href="#runs">Runs</a>
 <a href="#turntables">Turntables</a><a href="#curves">Training curves</a><a href="#left-out">Left out</a></nav>
@@ -240,7 +241,8 @@ def build_report(
 <h2 id="figure">Figure</h2>
 <p class="muted">Columns: the swept values in sweep order; rows: prompts; each cell the final scene (front, side,
 back; a 2D run its final image); a red frame marks a diverged run.
-<a href="{_e(fig.pdf.name)}">figure.pdf</a> \u00b7 <a href="{_e(fig.sidecar.name)}">figure.json</a> (which run is
+<a href="{_e(fig.png.name)}">figure.png</a> (full size) \u00b7 <a href="{_e(fig.pdf.name)}">figure.pdf</a> \u00b7
+<a href="{_e(fig.sidecar.name)}">figure.json</a> (which run is
 in which cell)</p>
 <img class="figure" src="{data_uri(fig.png)}" alt="figure of {_e(root.name)}" width="{fig.data["width"]}"
 height="{fig.data["height"]}">

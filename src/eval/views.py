@@ -77,10 +77,10 @@ class RunRenderer:
 
     def _get_scene(self):
         if self._scene is None:
-            from eval.render import _default_load_scene, resolve_device
+            from eval.render import default_load_scene, resolve_device
 
             self.device = resolve_device(self.device)
-            _, scene = (self._load or _default_load_scene)(self.run_dir, self.device)
+            _, scene = (self._load or default_load_scene)(self.run_dir, self.device)
             if hasattr(scene, "eval"):
                 scene.eval()
             self._scene = scene
