@@ -55,9 +55,11 @@ class SweepEvalCallback(Callback):
             return []
         project = OmegaConf.select(config, "logger.project", default=None)
         entity = OmegaConf.select(config, "logger.entity", default=None)
-        return ["--wandb"] + (["--wandb-project", str(project)] if project else []) + (
-            ["--wandb-entity", str(entity)] if entity else []
-        )  # fmt: skip
+        return (
+            ["--wandb"]
+            + (["--wandb-project", str(project)] if project else [])
+            + (["--wandb-entity", str(entity)] if entity else [])
+        )
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         if not self.enabled:

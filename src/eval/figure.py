@@ -122,8 +122,14 @@ def make_figure(
     cells: list[dict[str, Any]] = []
     for r, row in enumerate(grid.rows):
         y0 = top + r * (cell_h + lay.spacing)
-        fig.text((lay.left - 8) / W, 1 - (y0 + cell_h / 2) / H, _wrap(row.label, lay.left - 16), ha="right",
-                 va="center", fontsize=9)  # fmt: skip
+        fig.text(
+            (lay.left - 8) / W,
+            1 - (y0 + cell_h / 2) / H,
+            _wrap(row.label, lay.left - 16),
+            ha="right",
+            va="center",
+            fontsize=9,
+        )
         for c in range(len(grid.columns)):
             x0 = lay.left + c * (cell_w + lay.spacing)
             rec = grid.cell(r, c)
@@ -144,10 +150,21 @@ def make_figure(
             elif v is not None and not v.images:
                 note = f"no render: {v.error}"
             if note:
-                ax.text(0.5, 0.5, _wrap(note, cell_w - 12), transform=ax.transAxes, ha="center", va="center",
-                        fontsize=8, color="white" if state == "diverged" else "black",
-                        bbox={"facecolor": np.array(DIVERGED_RGB) / 255 if state == "diverged" else "white",
-                              "edgecolor": "none", "alpha": 0.85})  # fmt: skip
+                ax.text(
+                    0.5,
+                    0.5,
+                    _wrap(note, cell_w - 12),
+                    transform=ax.transAxes,
+                    ha="center",
+                    va="center",
+                    fontsize=8,
+                    color="white" if state == "diverged" else "black",
+                    bbox={
+                        "facecolor": np.array(DIVERGED_RGB) / 255 if state == "diverged" else "white",
+                        "edgecolor": "none",
+                        "alpha": 0.85,
+                    },
+                )
             cells.append(
                 {
                     "row": r,
@@ -164,8 +181,15 @@ def make_figure(
             )
     for c, col in enumerate(grid.columns):
         x0 = lay.left + c * (cell_w + lay.spacing)
-        fig.text((x0 + cell_w / 2) / W, 1 - (lay.top - 6) / H, _wrap(col.label, cell_w, 8.0), ha="center", va="bottom",
-                 fontsize=9, fontweight="bold")  # fmt: skip
+        fig.text(
+            (x0 + cell_w / 2) / W,
+            1 - (lay.top - 6) / H,
+            _wrap(col.label, cell_w, 8.0),
+            ha="center",
+            va="bottom",
+            fontsize=9,
+            fontweight="bold",
+        )
         if n_views > 1:
             for k, name in enumerate(names):
                 xv = x0 + k * (size + lay.gap) + size / 2
@@ -229,10 +253,17 @@ def log_wandb_figure(
     try:
         cols = ["row", "col", "prompt", "column", "run", "state", "reason"]
         rows = [
-            [c["row"], c["col"], d["rows"][c["row"]]["label"], d["columns"][c["col"]]["label"], c["run"], c["state"],
-             c["reason"]]
+            [
+                c["row"],
+                c["col"],
+                d["rows"][c["row"]]["label"],
+                d["columns"][c["col"]]["label"],
+                c["run"],
+                c["state"],
+                c["reason"],
+            ]
             for c in d["cells"]
-        ]  # fmt: skip
+        ]
         run.log({"figure": wandb.Image(str(fig.png)), "figure_cells": wandb.Table(columns=cols, data=rows)})
         info = {"mode": mode, "dir": str(getattr(run, "dir", "")), "id": run.id, "url": getattr(run, "url", None)}
     finally:

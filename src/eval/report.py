@@ -171,9 +171,15 @@ def _curves(entries: list[RunEntry], grid: SweepGrid) -> tuple[str, int]:
     ]
     style = ""
     if len(grid.rows) > 1:
-        style = " Line style = prompt (" + ", ".join(
-            f"{['solid', 'dashed', 'dotted', 'dash-dot'][i % 4]}: {_e(r.label)}" for i, r in enumerate(grid.rows[:4])
-        ) + (", ..." if len(grid.rows) > 4 else "") + ")."  # fmt: skip
+        style = (
+            " Line style = prompt ("
+            + ", ".join(
+                f"{['solid', 'dashed', 'dotted', 'dash-dot'][i % 4]}: {_e(r.label)}"
+                for i, r in enumerate(grid.rows[:4])
+            )
+            + (", ..." if len(grid.rows) > 4 else "")
+            + ")."
+        )
     note = f'<p class="muted">{len(series)} runs; colour = column of the figure.{style}</p>'
     return note + f'<div class="curves">{"".join(imgs)}</div>', len(imgs)
 
