@@ -117,11 +117,11 @@ def test_sqrt_anneal_and_step_schedules_follow_their_formulas():
         frac = min(step / 1000, 1.0)
         assert s(step, 1000) == int(1000 * ((0.98 - 0.3) * (1 - frac**0.5) + 0.3))  # threestudio's pct
     assert s(0, 1000) == 980 and s(1000, 1000) == 300
-    # step function: U[20, 980] before the milestone, U[20, 500] from it on
+    # step function: U[20, 980] up to the milestone, U[20, 500] from milestone + 1 (reference [50, 0.98, 0.5, 51])
     st = TimeSchedule(TimeScheduleConfig("step", t_min=0.02, t_max=0.98, milestone=50, t_max_after=0.5))
     g = torch.Generator().manual_seed(0)
     before = [st(49, 100, g) for _ in range(400)]
-    after = [st(50, 100, g) for _ in range(400)]
+    after = [st(51, 100, g) for _ in range(400)]
     assert min(before) >= 20 and max(before) > 900 and max(before) <= 980
     assert min(after) >= 20 and max(after) <= 500 and max(after) > 450
 

@@ -4,9 +4,17 @@ One step (paper section 3, eq. 3.4):
     t ~ schedule;  x_t = sqrt(ab_t) x0 + sqrt(1 - ab_t) kappa            (kappa from kappa.py)
     eps_hat = eps_u + s_fwd (eps_c - eps_u)                               (classifier-free guidance)
     x0_hat  = (x_t - sqrt(1 - ab_t) eps_hat) / sqrt(ab_t)
-    loss    = 0.5 * ||x0 - stopgrad(x0_hat)||^2  => d loss / d x0 = sigma(t) (eps_hat - kappa)
 With kappa ~ N(0, I) re-sampled each step this is SDS; with kappa inferred by DDIM inversion
 (CFG scale s_inv, official -7.5) it is SDI (paper section 4, eq. 4.4).
+
+Two losses (``guidance.loss``), alpha = sqrt(ab_t), sigma = sqrt(1 - ab_t), B the batch, N = numel(x0) / B:
+    x0           (the SDI code's):  loss = 0.5 * mse(x0, stopgrad(x0_hat)) / B
+                 d loss / d x0 = (sigma / alpha) (eps_hat - kappa) / B     (/ (N B) with loss_reduction=mean)
+    threestudio  (stable_diffusion_guidance.py, weighting_strategy sds):  grad = (1 - ab_t) (eps_hat - kappa),
+                 loss = 0.5 * ||x0 - stopgrad(x0 - grad)||^2 / B   =>   d loss / d x0 = sigma^2 (eps_hat - kappa) / B
+Their ratio (x0 over threestudio, both "sum") is 1 / (alpha sigma) = 1 / sqrt(ab (1 - ab)): 13.1 at t = 980, 2.2 at
+500, 7.4 at 20, so Adam does not absorb it. conf/guidance/sds.yaml (the Table 6.1 SDS row, dreamfusion-sd.yaml)
+uses threestudio; SDI and the Fig. 6.2 ladder (the SDI code with inversion off, conf/ablation/sds_*) use x0.
 """
 
 from __future__ import annotations
@@ -41,6 +49,9 @@ class GuidanceConfig:
     cfg_rule: str = "standard"
     residual_every: int = 0  # log the eq. 4.4 residual every N steps (extra model calls; 0 = never)
     every: int = 1  # recompute the target every N optimiser steps and hold it in between (official 2D notebook: 25)
+    # x0: the SDI code's 0.5 * mse(x0, x0_hat) / B, gradient (sigma / alpha)(eps_hat - kappa). threestudio: its SDS,
+    # gradient (1 - ab_t)(eps_hat - kappa) (use with loss_reduction=sum). See the module docstring.
+    loss: str = "x0"
 
     def validate(self) -> None:
         if self.name not in ("sds", "ddim_inversion"):
@@ -51,6 +62,14 @@ class GuidanceConfig:
             raise ValueError(f"guidance.cfg_rule={self.cfg_rule!r}; allowed: standard, threestudio")
         if self.every < 1:
             raise ValueError(f"guidance.every={self.every} must be >= 1 (1 = a new target every step)")
+        if self.loss not in SDS_LOSSES:
+            raise ValueError(
+                f"guidance.loss={self.loss!r} is unknown; allowed: {', '.join(SDS_LOSSES)} (x0: the SDI code's "
+                "x0-space loss; threestudio: its SDS, grad = (1 - ab_t)(eps_hat - kappa))"
+            )
+
+
+SDS_LOSSES = ("x0", "threestudio")
 
 
 def perpendicular_component(x: Tensor, y: Tensor) -> Tensor:
@@ -220,7 +239,7 @@ class ScoreDistillation(Guidance):
         held = self.held
         if held is not None and self.cfg.every > 1 and step % self.cfg.every != 0:
             # the official 2D notebook: the target x0_hat is held for `every` optimiser steps
-            loss = 0.5 * F.mse_loss(x0, held.x0_hat.to(x0.dtype), reduction=self.cfg.loss_reduction) / B
+            loss = self._loss(x0, held.x0_hat, held.eps_hat, held.kappa, held.t)
             stats = {"t": held.t, "level": held.level, "grad_norm": float((x0.detach() - held.x0_hat).norm())}
             return GuidanceOutput(loss, held.t, held.level, held.x_t, held.kappa, held.eps_hat, held.x0_hat, 0, stats)
         t = self.schedule(step, max_steps, generator)
@@ -231,7 +250,7 @@ class ScoreDistillation(Guidance):
             eps_hat = guided_eps(self.prior, k.x_t, t_vec, cond, self.cfg_pair.fwd, self.cfg.cfg_rule)
             x0_hat = predict_x0(k.x_t, eps_hat, ab[t])
             self.kappa.observe(eps_hat)  # kappa=cached: the next step's noise (eq. 4.5)
-        loss = 0.5 * F.mse_loss(x0, x0_hat.to(x0.dtype), reduction=self.cfg.loss_reduction) / B
+        loss = self._loss(x0, x0_hat, eps_hat, k.kappa, t)
         stats = {"t": t, "level": k.level, "grad_norm": float((x0.detach() - x0_hat).norm())}
         if self.cfg.residual_every and step % self.cfg.residual_every == 0:
             from distill.kappa import eq44_residual
@@ -243,6 +262,13 @@ class ScoreDistillation(Guidance):
         if self.cfg.every > 1:
             self.held = GuidanceOutput(None, t, k.level, k.x_t, k.kappa, eps_hat, x0_hat, 0, {})
         return out
+
+    def _loss(self, x0: Tensor, x0_hat: Tensor, eps_hat: Tensor, kappa: Tensor, t: int) -> Tensor:
+        """guidance.loss=x0: 0.5 * mse(x0, x0_hat) / B; threestudio: gradient_loss of (1 - ab_t)(eps_hat - kappa)."""
+        if self.cfg.loss == "threestudio":
+            w = weight(self.prior.alphas_cumprod[t], "sds").to(eps_hat.dtype)
+            return gradient_loss(x0, torch.nan_to_num(w * (eps_hat - kappa)), self.cfg.loss_reduction)
+        return 0.5 * F.mse_loss(x0, x0_hat.to(x0.dtype), reduction=self.cfg.loss_reduction) / x0.shape[0]
 
     _HELD = ("t", "level", "x_t", "kappa", "eps_hat", "x0_hat")
 

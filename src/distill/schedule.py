@@ -2,8 +2,9 @@
 
     uniform      (SDS):   t ~ U{int(T t_min), ..., int(T t_max)}
     anneal       (SDI):   t = int(T * (t_min + (t_max - t_min) * (1 - step / max_steps)))
-    step         (VSD):   t ~ U{int(T t_min), ..., int(T t_max)} before ``milestone``, then
-                          t ~ U{int(T t_min), ..., int(T t_max_after)}  (threestudio's [5000, 0.98, 0.5, 5001])
+    step         (VSD):   t ~ U{int(T t_min), ..., int(T t_max)} up to step ``milestone``, then
+                          t ~ U{int(T t_min), ..., int(T t_max_after)} from step milestone + 1: threestudio's
+                          [5000, 0.98, 0.5, 5001] ramps linearly from 0.98 at step 5000 to 0.5 at step 5001
     sqrt_anneal  (HiFA):  t = int(T * (t_min + (t_max - t_min) * (1 - sqrt(step / max_steps))))   (deterministic)
 The anneals are tied to the trainer's own ``max_steps`` (the official code keeps a separate copy,
 ``trainer_max_steps``, that silently disagrees when only one is changed).
@@ -24,7 +25,7 @@ class TimeScheduleConfig:
     name: str = "uniform"  # uniform | anneal | step | sqrt_anneal
     t_min: float = 0.02
     t_max: float = 0.98
-    milestone: int = 0  # step: optimiser step from which t_max_after applies
+    milestone: int = 0  # step: the last optimiser step at t_max; t_max_after from milestone + 1 (reference)
     t_max_after: float = 0.5  # step: the upper end of the t range after the milestone
     horizon: int = 0  # anneals: the step count they span (0 = trainer.max_steps; the 2D notebook: 1000 of 1001)
 
@@ -53,7 +54,7 @@ class TimeSchedule:
     def __call__(self, step: int, max_steps: int, generator: torch.Generator | None = None) -> int:
         c = self.cfg
         if c.name in ("uniform", "step"):
-            hi_frac = c.t_max_after if (c.name == "step" and step >= c.milestone) else c.t_max
+            hi_frac = c.t_max_after if (c.name == "step" and step > c.milestone) else c.t_max
             lo, hi = int(self.T * c.t_min), int(self.T * hi_frac)
             return int(torch.randint(lo, hi + 1, (1,), generator=generator).item())
         frac = min(max(step / max(c.horizon or max_steps, 1), 0.0), 1.0)

@@ -5,8 +5,11 @@ the same width) and densities sigma_i:
     alpha_i = 1 - exp(-sigma_i delta),   T_i = exp(-sum_{j<i} sigma_j delta),   w_i = T_i alpha_i
     rgb = sum_i w_i c_i   (premultiplied foreground),   opacity O = sum_i w_i
     depth = sum_i w_i t_i                          (threestudio's convention: not divided by O)
-    z_variance = sum_i w_i (t_i - depth)^2         (threestudio / HiFA; the weighted variance of
-                                                    the sample depth when O = 1)
+    z_variance ("threestudio", nerf_volume_renderer.py; HiFA's depth variance):
+        w^_i = w_i / max(O, 1e-5),  z_mean = sum_i w^_i t_i,  Var = sum_i w^_i (t_i - z_mean)^2,
+        zeroed where O <= 0.5: the variance of the sample depth under the normalised weights
+    z_variance ("unnormalised", this project's earlier formula):  sum_i w_i (t_i - depth)^2
+        = O Var + O (z_mean (1 - O))^2: equal to the above only when O = 1
     normal_sum = sum_i w_i n_i,   orientation = sum_i stopgrad(w_i) max(n_i . d, 0)^2
 
 Sampling: a ray is clipped to the bounding sphere |x| <= radius (and t >= near). When the
@@ -49,17 +52,42 @@ class RendererConfig:
     samples_per_ray: int = 64  # field evaluations per ray inside the occupied interval
     near: float = 0.0  # smallest ray parameter t
     stratified: bool = True  # jittered samples in training renders (midpoints otherwise)
+    # threestudio: variance under w / O, zeroed where O <= 0.5 (the reference's); unnormalised: sum w (t - depth)^2
+    z_variance: str = "threestudio"
     occupancy: OccupancyConfig = field(default_factory=OccupancyConfig)
 
     def validate(self, where: str = "renderer") -> None:
         if self.samples_per_ray <= 0:
             raise ValueError(f"{where}.samples_per_ray={self.samples_per_ray} must be a positive integer")
+        if self.z_variance not in Z_VARIANCES:
+            raise ValueError(
+                f"{where}.z_variance={self.z_variance!r} is unknown; allowed: {', '.join(Z_VARIANCES)} "
+                "(threestudio: the reference's opacity-normalised variance)"
+            )
         o = self.occupancy
         for name in ("resolution", "update_interval", "probe_samples", "chunk"):
             if getattr(o, name) <= 0:
                 raise ValueError(f"{where}.occupancy.{name}={getattr(o, name)} must be a positive integer")
         if not 0.0 <= o.decay <= 1.0:
             raise ValueError(f"{where}.occupancy.decay={o.decay} must lie in [0, 1]")
+
+
+Z_VARIANCES = ("threestudio", "unnormalised")
+
+
+def z_variance(w: Tensor, t: Tensor, opacity: Tensor, formula: str = "threestudio") -> Tensor:
+    """Per-ray depth variance (R, 1) from weights w (R, S), sample depths t (R, S) and opacity O = sum w (R, 1).
+
+    threestudio:   w^ = w / max(O, 1e-5), z_mean = sum w^ t, Var = sum w^ (t - z_mean)^2, times [O > 0.5]
+    unnormalised:  sum w (t - sum w t)^2  (= O Var + O (z_mean (1 - O))^2)
+    """
+    if formula == "unnormalised":
+        depth = (w * t).sum(1, keepdim=True)
+        return (w * (t - depth) ** 2).sum(1, keepdim=True)
+    w_hat = w / opacity.clamp_min(1e-5)
+    z_mean = (w_hat * t).sum(1, keepdim=True)
+    var = (w_hat * (t - z_mean) ** 2).sum(1, keepdim=True)
+    return var * (opacity > 0.5).to(var.dtype)
 
 
 # field(points (M, 3), ray_index (M,)) -> {"density": (M,), "rgb": (M, 3), "normal": (M, 3)}
@@ -195,7 +223,7 @@ class VolumeRenderer(nn.Module):
         w = trans * alpha  # (Rv, S)
         opacity = w.sum(1, keepdim=True)
         depth = (w * t).sum(1, keepdim=True)
-        zvar = (w * (t - depth) ** 2).sum(1, keepdim=True)
+        zvar = z_variance(w, t, opacity, self.cfg.z_variance)
         cos = (nrm * d[:, None, :]).sum(-1).clamp_min(0.0)
         orient = (w.detach() * cos**2).sum(1, keepdim=True)
         vals = {
