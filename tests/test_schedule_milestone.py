@@ -1,4 +1,4 @@
-"""VSD / ESD's t_max milestone at the reference's step: prolificdreamer.yaml max_step_percent [5000, 0.98, 0.5, 5001]."""
+"""VSD / ESD's t_max milestone at the reference's step: prolificdreamer.yaml [5000, 0.98, 0.5, 5001]."""
 
 import torch
 

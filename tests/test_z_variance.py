@@ -44,9 +44,9 @@ def _closed_form(q: float):
 def test_threestudio_z_variance_is_the_normalised_depth_variance(opacity):
     """w^ = w / O: Var = sum w^ (t - z_mean)^2 = delta^2 Var[k] (float64, closed form to 1e-9 relative)."""
     out, q = _render(opacity, "threestudio")
-    O, z_mean, var = _closed_form(q)
-    assert math.isclose(float(out["opacity"]), O, rel_tol=1e-12)
-    assert math.isclose(float(out["depth"]), O * z_mean, rel_tol=1e-12)  # depth is not divided by O (threestudio)
+    opa, z_mean, var = _closed_form(q)
+    assert math.isclose(float(out["opacity"]), opa, rel_tol=1e-12)
+    assert math.isclose(float(out["depth"]), opa * z_mean, rel_tol=1e-12)  # depth is not divided by O (threestudio)
     assert math.isclose(float(out["z_variance"]), var, rel_tol=1e-9)
 
 
@@ -54,8 +54,8 @@ def test_threestudio_z_variance_is_the_normalised_depth_variance(opacity):
 def test_unnormalised_option_is_o_var_plus_o_mean_shift_squared(opacity):
     """sum w (t - sum w t)^2 = O Var + O (z_mean (1 - O))^2: larger on a semi-transparent slab, equal when opaque."""
     out, q = _render(opacity, "unnormalised")
-    O, z_mean, var = _closed_form(q)
-    expected = O * var + O * (z_mean * (1 - O)) ** 2
+    opa, z_mean, var = _closed_form(q)
+    expected = opa * var + opa * (z_mean * (1 - opa)) ** 2
     assert math.isclose(float(out["z_variance"]), expected, rel_tol=1e-9)
     ts, _ = _render(opacity, "threestudio")
     if opacity > 0.999:  # opaque: the two agree up to (1 - O) terms

@@ -204,11 +204,22 @@ class TrainerConfig:
 
 @dataclass
 class OptimizerConfig:
-    name: str = "adam"  # adam | sgd
+    """The scene's optimiser. Per-group lr / betas / eps come from the scene (``scene.optim``).
+    adamw: decoupled weight decay ``weight_decay`` (prolificdreamer.yaml's AdamW keeps torch's default 0.01)."""
+
+    name: str = "adam"  # adam | adamw | sgd
     betas: tuple[float, float] = (0.9, 0.99)
     eps: float = 1e-15
     momentum: float = 0.0
+    weight_decay: float = 0.0  # adamw only
 
     def validate(self) -> None:
-        if self.name not in ("adam", "sgd"):
-            raise ValueError(f"optimizer.name={self.name!r} is unknown; allowed: adam, sgd")
+        if self.name not in ("adam", "adamw", "sgd"):
+            raise ValueError(f"optimizer.name={self.name!r} is unknown; allowed: adam, adamw, sgd")
+        if self.weight_decay < 0:
+            raise ValueError(f"optimizer.weight_decay={self.weight_decay} must be >= 0")
+        if self.weight_decay != 0 and self.name != "adamw":
+            raise ValueError(
+                f"optimizer.weight_decay={self.weight_decay} with optimizer.name={self.name!r}: weight decay is "
+                "AdamW's (decoupled); use optimizer.name=adamw or weight_decay=0"
+            )

@@ -11,14 +11,15 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
-def linear_schedule(step: int, start: float, end: float, until: int) -> float:
-    """start + (end - start) * clamp(step / until, 0, 1); ``end`` when until <= 0.
+def linear_schedule(step: int, start: float, end: float, until: int, begin: int = 0) -> float:
+    """start + (end - start) * clamp((step - begin) / (until - begin), 0, 1); ``end`` when until <= begin.
 
-    threestudio's [0, start, end, until] weight lists.
+    threestudio's [begin, start, end, until] weight lists (``C`` in threestudio/utils/misc.py), e.g.
+    prolificdreamer.yaml's lambda_opaque [10000, 0, 1000, 10001]: 0 up to step 10000, 1000 from step 10001.
     """
-    if until <= 0:
+    if until <= begin:
         return float(end)
-    return float(start + (end - start) * min(max(step / until, 0.0), 1.0))
+    return float(start + (end - start) * min(max((step - begin) / (until - begin), 0.0), 1.0))
 
 
 def convexity_loss(normals: Tensor, resolution: int = 8) -> Tensor:

@@ -119,8 +119,11 @@ def peak_memory_mb(device: torch.device) -> float:
 
 def make_optimizer(spec: RunSpec, scene: torch.nn.Module) -> torch.optim.Optimizer:
     groups = scene.param_groups()
-    if spec.optimizer.name == "adam":
-        return torch.optim.Adam(groups, betas=tuple(spec.optimizer.betas), eps=spec.optimizer.eps)
+    o = spec.optimizer
+    if o.name == "adam":
+        return torch.optim.Adam(groups, betas=tuple(o.betas), eps=o.eps)
+    if o.name == "adamw":
+        return torch.optim.AdamW(groups, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
     return torch.optim.SGD(groups, lr=groups[0]["lr"], momentum=spec.optimizer.momentum)
 
 

@@ -33,7 +33,7 @@ from distill.scene.renderer import RendererConfig, VolumeRenderer
 
 SHADING_MODES = ("albedo", "lambertian", "textureless")
 TRAIN_SHADINGS = ("dreamfusion", "albedo")
-NORMAL_TYPES = ("analytic", "finite_difference")
+NORMAL_TYPES = ("analytic", "finite_difference", "none")  # none: no normals (threestudio normal_type null)
 DENSITY_BIASES = ("blob_magic3d", "blob_dreamfusion", "none")
 DENSITY_ACTIVATIONS = ("softplus", "exp")
 BACKGROUNDS = ("neural", "solid")
@@ -69,14 +69,19 @@ class BackgroundConfig:
 
 @dataclass
 class LossWeight:
-    """Weight going linearly from ``start`` (step 0) to ``end`` (step ``until``), then constant."""
+    """Weight ``start`` up to step ``begin``, linear to ``end`` at step ``until``, then constant (threestudio's
+    [begin, start, end, until]; a constant weight: start = end, until = 0)."""
 
     start: float = 0.0
     end: float = 0.0
     until: int = 0
+    begin: int = 0
 
     def at(self, step: int) -> float:
-        return losses.linear_schedule(step, self.start, self.end, self.until)
+        return losses.linear_schedule(step, self.start, self.end, self.until, self.begin)
+
+    def always_zero(self) -> bool:
+        return self.start == 0.0 and self.end == 0.0
 
 
 @dataclass
@@ -95,7 +100,8 @@ class RegularisersConfig:
 
 @dataclass
 class OptimConfig:
-    lr: float = 0.01  # geometry: hash grid + MLPs
+    lr: float = 0.01  # geometry: hash grid + MLPs (the hash grid only when mlp_lr is set)
+    mlp_lr: float | None = None  # density / feature MLPs (prolificdreamer.yaml, hifa.yaml: 0.001); null = lr
     background_lr: float = 0.001
     betas: tuple[float, float] = (0.9, 0.99)
     eps: float = 1e-15
@@ -219,6 +225,20 @@ class NeRFScene(nn.Module):
                 )
             if self.radius <= 0:
                 raise ValueError(f"{where}.radius={self.radius} must be positive")
+            if self.normal_type == "none":
+                for name in ("orientation", "convexity"):
+                    if not getattr(self.regularisers, name).always_zero():
+                        raise ValueError(
+                            f"{where}.normal_type=none but {where}.regularisers.{name} is not 0: that term needs "
+                            f"normals; set normal_type=analytic or {where}.regularisers.{name}={{start: 0, end: 0}}"
+                        )
+                if self.shading != "albedo":
+                    raise ValueError(
+                        f"{where}.normal_type=none needs {where}.shading=albedo (shaded renders use the normals)"
+                    )
+            for name in ("orientation", "sparsity", "opacity", "z_variance", "convexity"):
+                if getattr(self.regularisers, name).begin < 0:
+                    raise ValueError(f"{where}.regularisers.{name}.begin must be >= 0")
             m = self.material
             for name in ("diffuse_prob", "textureless_prob"):
                 if not 0.0 <= getattr(m, name) <= 1.0:
@@ -290,6 +310,11 @@ class NeRFScene(nn.Module):
         c = self.cfg
         x = x.detach()
         x01 = self._to01(x)
+        if c.normal_type == "none":  # no normals (prolificdreamer.yaml / hifa.yaml): zeros, no gradient work
+            enc = self._encode(x)
+            raw = self.density_net(enc)[:, 0] + self.density_bias(x)[0]
+            albedo = torch.sigmoid(self.feature_net(enc))
+            return {"density": self._activate(raw), "albedo": albedo, "normal": torch.zeros_like(x)}
         if c.normal_type == "analytic" and not self.encoding.use_tcnn(x01):
             enc, jac = self.encoding(x01, with_jacobian=True, pad_inactive=False)
             h, g_enc = self.density_net.forward_with_input_grad(enc)
@@ -424,8 +449,14 @@ class NeRFScene(nn.Module):
         """Adam parameter groups: geometry (hash grid + MLPs) and background, with lr/betas/eps."""
         o = self.cfg.optim
         common = {"betas": tuple(o.betas), "eps": o.eps}
-        geo = [*self.encoding.parameters(), *self.density_net.parameters(), *self.feature_net.parameters()]
-        groups = [{"name": "geometry", "params": geo, "lr": o.lr, **common}]
+        mlps = [*self.density_net.parameters(), *self.feature_net.parameters()]
+        if o.mlp_lr is None:
+            groups = [{"name": "geometry", "params": [*self.encoding.parameters(), *mlps], "lr": o.lr, **common}]
+        else:  # threestudio's geometry.encoding / geometry.density_network / geometry.feature_network groups
+            groups = [
+                {"name": "geometry", "params": list(self.encoding.parameters()), "lr": o.lr, **common},
+                {"name": "geometry_mlp", "params": mlps, "lr": o.mlp_lr, **common},
+            ]
         bg = list(self.background.parameters())
         if bg:
             groups.append({"name": "background", "params": bg, "lr": o.background_lr, **common})
