@@ -2,8 +2,9 @@
 
     python benchmarks/fidelity_table61.py [--seeds 5] [--steps 200] [--size 32] [--out FILE]
 
-Runs the Table 6.1 presets on prior=analytic3d (scene=nerf_cpu, cfg=analytic3d: CFG 3 -- the presets' CFG 100
-over-saturates this prior), a camera pool of 24 views at size x size, and compares, per seed:
+Runs the Table 6.1 presets on prior=analytic3d (scene=nerf_cpu, cfg=analytic3d: the prior's own CFG pair 3 / -3;
+conf/cfg/analytic3d.yaml measured 7.5 over-saturating it, so the presets' 100 is not used), a camera pool of 24
+views at size x size, and compares, per seed:
     sds:  experiment=table61_sds with guidance.loss=x0 + loss_reduction=mean (before: the SDI code's loss) against
           guidance.loss=threestudio + sum (after: dreamfusion-sd.yaml's), regularisers off (the prior's own
           recommendation, conf/prior/analytic3d.yaml), so only the t-dependent weighting differs (Adam absorbs the
