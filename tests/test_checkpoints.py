@@ -199,3 +199,12 @@ def test_cli_reports_an_unusable_checkpoint_in_one_message_exit_2(compose_cfg, t
     assert r.returncode == 2, r.stderr[-2000:]
     assert str(tmp_path / rundir.CHECKPOINT) in r.stderr and "trainer.resume=false" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_a_checkpoint_of_another_config_is_a_clear_error_not_a_traceback(compose_cfg, tmp_path):
+    _interrupted_run(compose_cfg, tmp_path, stop_at=1)
+    before = rundir.read_metrics(tmp_path)
+    with pytest.raises(rundir.CheckpointError, match="does not fit this run's config") as e:
+        train(compose_cfg([*BASE, "trainer.max_steps=3", "scene.height=16", "scene.width=16"]), tmp_path)
+    assert "trainer.resume=false" in str(e.value)
+    assert rundir.read_metrics(tmp_path) == before  # not recorded as a failed run
