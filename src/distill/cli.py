@@ -66,11 +66,12 @@ def _in_multirun() -> bool:
 def run_job(cfg: DictConfig) -> float | None:
     """Run one job. Bad config / bad input: one clear message and exit code 2. In a sweep, a job
     that fails is recorded in its metrics.json and the sweep goes on."""
+    from distill.rundir import CheckpointError
     from distill.train import train
 
     try:
         metrics = train(cfg)
-    except (ConfigError, PriorError) as e:
+    except (ConfigError, PriorError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         if _in_multirun():
             return None

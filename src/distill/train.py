@@ -7,7 +7,8 @@
         loss    = out.loss + sum(scene.regularisers(...))
         optimiser step; checkpoint; log
 All randomness flows from one torch.Generator seeded by ``seed`` and saved in the checkpoint, so
-a run re-launched in the same directory continues exactly where it stopped.
+a run re-launched in the same directory continues exactly where it stopped (from checkpoints/last.pt, or from
+checkpoints/prev.pt when last.pt cannot be read; see :mod:`distill.rundir`).
 """
 
 from __future__ import annotations
@@ -165,6 +166,8 @@ class Trainer:
         self.step = 0
         self.resumed_from: int | None = None
         self.start_reason = "not started"
+        # what the next checkpoint save does with the one already there (rundir.save_checkpoint's ``previous``)
+        self.previous_checkpoint = "discard"
         self.diverged_detail: str | None = None
         self.seconds_before = 0.0
 
@@ -201,8 +204,9 @@ class Trainer:
     def load(self, ckpt: dict[str, Any]) -> None:
         self.scene.load_state_dict(ckpt["scene"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
-        self.generator.set_state(ckpt["generator"])
-        torch.set_rng_state(ckpt["torch_rng"])
+        # both generators live on the CPU, whatever map_location put the checkpoint's tensors on
+        self.generator.set_state(ckpt["generator"].cpu())
+        torch.set_rng_state(ckpt["torch_rng"].cpu())
         if "guidance" in ckpt:
             self.guidance.load_state_dict(ckpt["guidance"])
         else:  # checkpoints written before methods had state of their own
@@ -258,7 +262,31 @@ class Trainer:
         )
 
     # ----- the loop ------------------------------------------------------------------------------
-    def fit(self, logger) -> dict[str, Any]:
+    def resume(self, point: rundir.ResumePoint) -> None:
+        """Load ``point``; a readable checkpoint that does not fit this run's config is a CheckpointError."""
+        try:
+            self.load(point.state)
+        except (KeyError, RuntimeError, ValueError, TypeError, IndexError) as e:
+            said = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+            raise rundir.CheckpointError(
+                f"{point.path} does not fit this run's config ({said}): was the config changed since it was written? "
+                f"Re-launch with the run's own config, or trainer.resume=false to start over at step 0"
+            ) from None
+        self.t_start = time.time()
+        if point.fallback:
+            self.start_reason = f"resuming from step {self.step} of the previous checkpoint: {point.note}"
+            self.previous_checkpoint = "keep"  # last.pt is the unreadable one: never rotate it over prev.pt
+        else:
+            self.start_reason = f"resuming from step {self.step} (checkpoint in {self.run_dir})"
+            self.previous_checkpoint = "rotate"
+
+    def save(self) -> None:
+        rundir.save_checkpoint(self.run_dir, self.state(), previous=self.previous_checkpoint)
+        self.previous_checkpoint = "rotate"
+
+    def fit(self, logger, start: rundir.ResumePoint | None = None) -> dict[str, Any]:
+        """Run the loop from ``start`` (found by :func:`train` with rundir.find_resume_point before anything is
+        written; None: from step 0)."""
         from tqdm.auto import tqdm
 
         tr = self.spec.trainer
@@ -267,11 +295,8 @@ class Trainer:
         if tr.resume and previous.get("status") in ("finished", "diverged"):
             log.info("run %s is already %s; nothing to do", self.run_dir, previous["status"])
             return previous
-        ckpt = rundir.load_checkpoint(self.run_dir, map_location=self.device) if tr.resume else None
-        if ckpt is not None:
-            self.load(ckpt)
-            self.t_start = time.time()
-            self.start_reason = f"resuming from step {self.step} (checkpoint in {self.run_dir})"
+        if start is not None and tr.resume:
+            self.resume(start)
         elif not tr.resume:
             self.start_reason = "trainer.resume=false: starting at step 0"
         elif previous.get("status") in ("running", "failed"):
@@ -301,7 +326,7 @@ class Trainer:
                 self.step += 1
                 bar.update(1)
                 if tr.checkpoint_every and self.step % tr.checkpoint_every == 0 and self.step < tr.max_steps:
-                    rundir.save_checkpoint(self.run_dir, self.state())
+                    self.save()
                 if tr.image_every and self.step % tr.image_every == 0:
                     snap = self.snapshot()
                     save_png(self.run_dir / "images" / f"step_{self.step:06d}.png", snap)
@@ -320,7 +345,7 @@ class Trainer:
             # keep every finished step, the requeued job resumes from here. An interrupt that lands
             # inside a step (after the optimiser update, before step += 1) makes the resumed run
             # repeat that one step: resumable, but then not bit-identical to an uninterrupted run.
-            rundir.save_checkpoint(self.run_dir, self.state())
+            self.save()
             log.warning("interrupted at step %d: checkpoint saved, re-launch resumes from it", self.step)
             raise
         finally:
@@ -338,7 +363,7 @@ class Trainer:
                 f": {self.diverged_detail}" * bool(self.diverged_detail),
             )
             return metrics
-        rundir.save_checkpoint(self.run_dir, self.state())
+        self.save()
         metrics.update(self.finish_outputs(logger))
         metrics.update(status="finished", seconds=self.seconds_before + (time.time() - self.t_start))
         rundir.write_metrics(self.run_dir, metrics)
@@ -415,17 +440,23 @@ def train(cfg: DictConfig, run_dir: Path | str | None = None) -> dict[str, Any]:
             cfg.paths.run_dir = str(run_dir)
     run_dir = Path(cfg.paths.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    check_run_config(cfg)  # fail before anything is written or built
+    spec = check_run_config(cfg)  # fail before anything is written or built
+    start = None
+    if spec.trainer.resume and rundir.read_metrics(run_dir).get("status") not in ("finished", "diverged"):
+        # an unsafe file, or no readable checkpoint at all, stops here: nothing in the run directory is changed
+        start = rundir.find_resume_point(run_dir, map_location=pick_device(spec.trainer.device))
     OmegaConf.save(cfg, run_dir / rundir.CONFIG, resolve=True)
     trainer = Trainer(cfg, run_dir)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     logger = build(cfg.logger, "logger", run_dir=run_dir, run_config=resolved, run_name=run_dir.name)
     code = 1
     try:
-        metrics = trainer.fit(logger)
+        metrics = trainer.fit(logger, start)
         logger.summary(metrics)
         code = 0
         return metrics
+    except rundir.CheckpointError:
+        raise  # the checkpoint does not fit the config: the run's metrics.json stays as the last attempt left it
     except Exception:
         m = rundir.read_metrics(run_dir)
         m.update(status="failed", error=traceback.format_exc(limit=20))

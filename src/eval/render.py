@@ -118,12 +118,15 @@ def eval_shading(scene: Any, requested: str | None = "auto") -> str | None:
 
 def default_load_scene(run_dir: Path, device: str):
     try:
-        from distill.rundir import load_scene
+        from distill.rundir import CheckpointError, load_scene
     except ImportError as e:
         raise EvalError(
             f"cannot import distill.rundir.load_scene ({e}); install the project (pip install -e .)"
         ) from None
-    return load_scene(run_dir, device)
+    try:
+        return load_scene(run_dir, device)
+    except CheckpointError as e:  # unreadable or unsafe last.pt: one line naming the file, no traceback
+        raise EvalError(str(e)) from None
 
 
 def to_uint8(chw: np.ndarray) -> np.ndarray:

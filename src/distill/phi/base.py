@@ -174,23 +174,3 @@ class Phi:
                 p.copy_(state["params"][n])
         self.optimizer.load_state_dict(state["optimizer"])
         self.steps = int(state.get("steps", 0))
-
-
-def make_phi(cfg: PhiConfig, prior, device=None) -> Phi:
-    """The SD LoRA phi for a Stable Diffusion prior, the residual stand-in otherwise (``cfg.kind``)."""
-    from distill.priors.stable_diffusion import StableDiffusionPrior
-
-    kind = cfg.kind
-    if kind == "auto":
-        kind = "lora" if isinstance(prior, StableDiffusionPrior) else "residual"
-    if kind == "lora":
-        if not isinstance(prior, StableDiffusionPrior):
-            raise ValueError(
-                f"guidance.phi.kind=lora needs prior=sd21 (got {type(prior).__name__}); use phi.kind=residual"
-            )
-        from distill.phi.lora import LoRAPhi
-
-        return LoRAPhi(cfg, prior)
-    from distill.phi.residual import ResidualPhi
-
-    return ResidualPhi(cfg, prior)
