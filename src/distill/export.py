@@ -1,4 +1,4 @@
-"""Exports of a trained 3D scene: a turntable video and a coloured mesh.
+"""Exports of a trained 3D scene: a turntable video, a coloured mesh (and 3D Gaussians as a standard .ply).
 
 Both take any scene with the 3D contract: ``render(cameras, shading=...)`` returning (B, C, H, W)
 maps, ``density(points) -> (N,)`` and ``albedo(points) -> (N, 3)``.
@@ -103,7 +103,11 @@ def export_turntable(
 
 @torch.no_grad()
 def density_grid(scene, resolution: int, bound: float, chunk: int = 65536, progress: bool = True) -> np.ndarray:
-    """sigma on the vertices of a res^3 grid over [-bound, bound]^3, indexed [i_x, i_y, i_z]."""
+    """sigma on the vertices of a res^3 grid over [-bound, bound]^3, indexed [i_x, i_y, i_z]. A scene with its own
+    ``density_grid(resolution, bound)`` (the Gaussians: splatted, not evaluated point by point) provides it."""
+    own = getattr(scene, "density_grid", None)
+    if callable(own):
+        return own(resolution, bound).float().cpu().numpy()
     param = next(scene.parameters())
     lin = torch.linspace(-bound, bound, resolution, dtype=param.dtype, device=param.device)
     pts = torch.stack(torch.meshgrid(lin, lin, lin, indexing="ij"), dim=-1).reshape(-1, 3)
@@ -145,6 +149,8 @@ def export_mesh(
         raise ValueError(f"resolution={resolution} must be at least 2")
     bound = float(bound if bound is not None else scene.cfg.radius)
     vol = density_grid(scene, resolution, bound, chunk, progress)
+    if threshold == "auto" and getattr(getattr(scene, "cfg", None), "mesh_threshold", None) is not None:
+        threshold = float(scene.cfg.mesh_threshold)  # a scene's own iso-level (Gaussians: threestudio-3dgs's 0.8)
     if threshold == "auto":
         positive = vol[vol > 1e-5]
         threshold = float(positive.mean()) if positive.size else 0.0
@@ -170,6 +176,34 @@ def export_mesh(
     mesh.export(paths["ply"])
     mesh.export(paths["obj"], include_color=True)
     return paths
+
+
+PLY_PROPERTIES = "x y z nx ny nz f_dc_0 f_dc_1 f_dc_2 opacity scale_0 scale_1 scale_2 rot_0 rot_1 rot_2 rot_3".split()
+
+
+@torch.no_grad()
+def export_gaussians_ply(scene, out_dir: str | Path, name: str = "gaussians") -> Path:
+    """The Gaussians as the standard 3DGS ``.ply`` (graphdeco's layout, opened by SuperSplat, the antimatter15 and
+    gsplat viewers): binary little-endian float32 vertices with x y z, nx ny nz (0), f_dc_0..2 (SH degree 0),
+    opacity (the logit), scale_0..2 (log scales), rot_0..3 (quaternion wxyz)."""
+    cols = [
+        scene.means,
+        torch.zeros_like(scene.means),
+        scene.f_dc,
+        scene.opacity_logits[:, None],
+        scene.log_scales,
+        scene.quats,
+    ]
+    data = torch.cat([c.detach().float().cpu() for c in cols], dim=1).numpy().astype("<f4")
+    header = ["ply", "format binary_little_endian 1.0", f"element vertex {len(data)}"]
+    header += [f"property float {p}" for p in PLY_PROPERTIES] + ["end_header"]
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{name}.ply"
+    with open(path, "wb") as f:
+        f.write(("\n".join(header) + "\n").encode("ascii"))
+        f.write(data.tobytes())
+    return path
 
 
 def export_all(
@@ -198,6 +232,8 @@ def export_all(
     }
     if logger is not None:
         logger.log_video("turntable", video["mp4"], step)
+    if hasattr(scene, "opacity_logits"):  # 3D Gaussians: the standard .ply as well
+        result["gaussians_ply"] = str(export_gaussians_ply(scene, out_dir).relative_to(run_dir))
     try:
         mesh = export_mesh(scene, out_dir, resolution=mesh_resolution, threshold=mesh_threshold, progress=progress)
     except EmptyMeshError as e:

@@ -389,6 +389,11 @@ class Trainer:
         self.optimizer.step()
         if not all(torch.isfinite(p).all() for p in self.scene.parameters()):
             return "nan"
+        # a scene's own step-wise work on its parameters (Gaussians: densify / prune, lr schedules); may end the run
+        hook = getattr(self.scene, "after_optimizer_step", None)
+        reason = hook(self.step, self.optimizer) if hook is not None else None
+        if reason:
+            return reason
         if tr.log_every and self.step % tr.log_every == 0:
             values = {
                 "loss": float(loss.detach()),
@@ -400,6 +405,7 @@ class Trainer:
             # every numeric stat of the method: grad_norm, kappa_residual, phi_loss, image_loss, ...
             values.update({k: v for k, v in g.stats.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
             values.update({f"reg/{k}": float(v.detach()) for k, v in regs.items()})
+            values.update(getattr(self.scene, "log_values", dict)())  # scene-specific: n_gaussians, densify counts
             logger.log_scalars(values, self.step)
             bar.set_postfix(loss=f"{values['loss']:.4g}", t=g.t)
         return None

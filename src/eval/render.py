@@ -103,7 +103,9 @@ def eval_shading(scene: Any, requested: str | None = "auto") -> str | None:
     cfg = getattr(scene, "cfg", None)
     material = getattr(cfg, "material", None)
     if material is None:
-        return None
+        # scenes without a material: their own evaluation shading (3D Gaussians: "albedo", an evaluation render on
+        # the evaluation background) or None (the 2D image scene)
+        return getattr(cfg, "shading", None) if hasattr(scene, "opacity_logits") else None
     step = getattr(scene, "step", None)
     try:
         step = int(step) if step is not None else None
