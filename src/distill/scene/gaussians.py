@@ -469,7 +469,8 @@ class GaussianScene(nn.Module):
     def after_optimizer_step(self, step: int, optimizer: torch.optim.Optimizer) -> str | None:
         """The trainer's hook after ``optimizer.step()`` of ``step``: densification statistics, densify / prune /
         opacity reset, the learning rates of step + 1. Returns a divergence reason ("nan", "empty") or None."""
-        if not (torch.isfinite(self.means).all() and torch.isfinite(self.log_scales).all()):
+        # NaN / inf means or scales (exp of the log-scale overflows): the projection would silently cull them
+        if not (torch.isfinite(self.means).all() and torch.isfinite(self.scales).all()):
             return "nan"
         self.accumulate_screen_gradients()
         d = self.cfg.densify
@@ -532,20 +533,25 @@ class GaussianScene(nn.Module):
             "opacity_logits": self.opacity_logits[split_idx],
             "f_dc": self.f_dc[split_idx],
         }
-        # prune: the split originals, low opacity, too large in the world / on the screen
+        new_rows = {k: torch.cat([getattr(self, k)[clone_idx], new_split[k]]) for k in PARAMS}
+        # prune (graphdeco: after cloning and splitting, over all rows): the split originals, low opacity, too large
+        # in the world; too large on the screen (old rows only: new rows have no screen radius yet, graphdeco's
+        # max_radii2D of 0)
         prune = is_split | (self.opacities < d.min_opacity)
+        new_prune = torch.sigmoid(new_rows["opacity_logits"]) < d.min_opacity
         if d.prune_world_size > 0:
             prune |= scales.max(dim=-1).values > d.prune_world_size
+            new_prune |= torch.exp(new_rows["log_scales"]).max(dim=-1).values > d.prune_world_size
         if d.max_screen_size > 0:
             prune |= self.max_radii > d.max_screen_size
         keep = torch.nonzero(~prune).squeeze(1)
-        # clones are pruned like their originals only through the next densification (graphdeco order)
-        new_rows = {k: torch.cat([getattr(self, k)[clone_idx], new_split[k]]) for k in PARAMS}
+        new_rows = {k: v[~new_prune] for k, v in new_rows.items()}
         self._rebuild(optimizer, keep, new_rows)
+        n_split = int(is_split.sum())
         stats = {
             "cloned": int(len(clone_idx)),
-            "split": int(is_split.sum()),
-            "pruned": int(N - len(keep) - int(is_split.sum())),
+            "split": n_split,
+            "pruned": int(N - len(keep) - n_split + int(new_prune.sum())),
             "n_gaussians": self.num_gaussians,
         }
         return stats
