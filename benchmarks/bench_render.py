@@ -1,9 +1,15 @@
 #!/usr/bin/env python
-"""Time the NeRF scene's training render: forward, backward (render + official regularisers),
-and one Adam step, at 32 / 64 / 128 pixels, for two settings:
+"""Time the 3D scenes' training render: forward, backward (render + regularisers), and one Adam step, at
+32 / 64 / 128 pixels (NeRF) and 48 / 64 pixels (Gaussians), for the settings:
 
-  cpu       encoding.log2_hashmap_size=15, renderer.samples_per_ray=16 (the CPU preset)
-  official  the defaults of conf/scene/nerf.yaml (2^19 tables, 64 samples per ray)
+  cpu       NeRF: encoding.log2_hashmap_size=15, renderer.samples_per_ray=16 (the CPU preset)
+  official  NeRF: the defaults of conf/scene/nerf.yaml (2^19 tables, 64 samples per ray)
+  gaussians 3D Gaussians (conf/scene/gaussians.yaml, torch rasterizer), --gaussians N each (1k / 5k / 20k): the
+            threestudio-3dgs initialisation (uniform in a ball of radius 0.8, opacity 0.2, 3-NN scales)
+
+With --isolate (default) every row runs in its own process, so that the peak resident memory of that row
+(ru_maxrss after the row minus the resident size before its first render) is its own; on CUDA the peak is
+torch.cuda.max_memory_allocated.
 
 Scene state: the initial blob after update_step(1000) (8 of 16 hash levels active, shading
 random). Camera: distance 1.75, fovy 55, elevation 15 (the middle of the training ranges).
@@ -12,6 +18,7 @@ field evaluations per render. The host load average is recorded: on a shared mac
 times move with it, the process times much less.
 
     python benchmarks/bench_render.py [--device cpu] [--threads 2] [--iters 5]
+        [--settings cpu gaussians] [--resolutions 48 64] [--gaussians 1000 5000 20000]
         [--out benchmarks/results/render_cpu.json]
 """
 
@@ -21,7 +28,9 @@ import argparse
 import json
 import os
 import platform
+import resource
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -40,7 +49,11 @@ SETTINGS = {
 }
 
 
-def build(setting: str, device: str) -> NeRFScene:
+def build(setting: str, device: str, n_gaussians: int = 5000):
+    if setting == "gaussians":
+        from distill.scene.gaussians import GaussianScene
+
+        return GaussianScene({"n_init": n_gaussians, "rasterizer": "torch", "background": "white"}).to(device)
     cfg = NeRFScene.Config()
     cfg.encoding.log2_hashmap_size = SETTINGS[setting]["log2_hashmap_size"]
     cfg.renderer.samples_per_ray = SETTINGS[setting]["samples_per_ray"]
@@ -54,11 +67,19 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_row(scene: NeRFScene, res: int, device: str, iters: int, warmup: int) -> dict:
+def rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def time_row(scene, res: int, device: str, iters: int, warmup: int) -> dict:
     cams = orbit_cameras(1, res, res, elevation_deg=15.0, distance=1.75, fovy_deg=55.0)
     opt = torch.optim.Adam(scene.param_groups())
     gen = torch.Generator().manual_seed(0)
     rec = {k: [] for k in ("fwd_wall", "fwd_cpu", "bwd_wall", "bwd_cpu", "adam_wall", "samples")}
+    base_mb = rss_mb() if device == "cpu" else 0.0
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
     for it in range(warmup + iters):
         sync(device)
         w0, c0 = time.perf_counter(), time.process_time()
@@ -80,10 +101,28 @@ def time_row(scene: NeRFScene, res: int, device: str, iters: int, warmup: int) -
                 ("bwd_wall", w2 - w1),
                 ("bwd_cpu", c2 - c1),
                 ("adam_wall", w3 - w2),
-                ("samples", int(out["n_samples"])),
+                ("samples", int(out["n_samples"] if "n_samples" in out else out["n_gaussians"])),
             ):
                 rec[k].append(v)
-    return {k: statistics.median(v) for k, v in rec.items()}
+    r = {k: statistics.median(v) for k, v in rec.items()}
+    if device.startswith("cuda"):
+        r["peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    else:  # high-water resident size of this process above its size before the first render
+        r["peak_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0 - base_mb
+    return r
+
+
+def run_row(args, setting: str, res: int, n: int) -> dict:
+    """One row, in this process or (--isolate) in a fresh one, so that its peak memory is its own."""
+    if not args.isolate:
+        scene = build(setting, args.device, n)
+        r = time_row(scene, res, args.device, args.iters, args.warmup)
+        extra = {"n_gaussians": n} if setting == "gaussians" else SETTINGS[setting]
+        return {"setting": setting, "resolution": res, **extra, **r}
+    cmd = [sys.executable, __file__, "--row", f"{setting}:{res}:{n}", "--device", args.device]
+    cmd += ["--threads", str(args.threads), "--iters", str(args.iters), "--warmup", str(args.warmup)]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
 
 
 def main() -> None:
@@ -93,29 +132,41 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--resolutions", type=int, nargs="+", default=[32, 64, 128])
-    ap.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    ap.add_argument("--settings", nargs="+", default=[*SETTINGS, "gaussians"], choices=[*SETTINGS, "gaussians"])
+    ap.add_argument("--gaussians", type=int, nargs="+", default=[1000, 5000, 20000])
+    ap.add_argument("--gaussian-resolutions", type=int, nargs="+", default=[48, 64])
+    ap.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=True)
+    ap.add_argument("--row", help=argparse.SUPPRESS)  # internal: one isolated row "setting:res:n" -> JSON
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "render_cpu.json"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.row:
+        setting, res, n = args.row.split(":")
+        args.isolate = False
+        print(json.dumps(run_row(args, setting, int(res), int(n))))
+        return
     load_before = os.getloadavg()
     rows = []
     header = (
-        f"{'setting':9s} {'res':>4s} {'samples':>8s} {'fwd ms':>8s} {'(cpu)':>7s} {'bwd ms':>8s} {'(cpu)':>7s} "
-        f"{'fwd+bwd':>8s} {'adam ms':>8s}"
+        f"{'setting':9s} {'res':>4s} {'N/samp':>8s} {'fwd ms':>8s} {'(cpu)':>7s} {'bwd ms':>8s} {'(cpu)':>7s} "
+        f"{'fwd+bwd':>8s} {'adam ms':>8s} {'peak MB':>8s}"
     )
     print(header)
+    plan = []
     for setting in args.settings:
-        scene = build(setting, args.device)
-        for res in args.resolutions:
-            r = time_row(scene, res, args.device, args.iters, args.warmup)
-            row = {"setting": setting, "resolution": res, **SETTINGS[setting], **r}
-            rows.append(row)
-            print(
-                f"{setting:9s} {res:4d} {r['samples']:8.0f} {1e3 * r['fwd_wall']:8.1f} {1e3 * r['fwd_cpu']:7.1f} "
-                f"{1e3 * r['bwd_wall']:8.1f} {1e3 * r['bwd_cpu']:7.1f} {1e3 * (r['fwd_wall'] + r['bwd_wall']):8.1f} "
-                f"{1e3 * r['adam_wall']:8.1f}",
-                flush=True,
-            )
+        if setting == "gaussians":
+            plan += [(setting, res, n) for n in args.gaussians for res in args.gaussian_resolutions]
+        else:
+            plan += [(setting, res, 0) for res in args.resolutions]
+    for setting, res, n in plan:
+        r = run_row(args, setting, res, n)
+        rows.append(r)
+        print(
+            f"{setting:9s} {res:4d} {r['samples']:8.0f} {1e3 * r['fwd_wall']:8.1f} {1e3 * r['fwd_cpu']:7.1f} "
+            f"{1e3 * r['bwd_wall']:8.1f} {1e3 * r['bwd_cpu']:7.1f} {1e3 * (r['fwd_wall'] + r['bwd_wall']):8.1f} "
+            f"{1e3 * r['adam_wall']:8.1f} {r['peak_mb']:8.0f}",
+            flush=True,
+        )
     result = {
         "device": args.device,
         "threads": args.threads,

@@ -160,6 +160,8 @@ def test_rasterizer_matches_per_pixel_loop(stop_rule, alpha_max):
     bg = torch.tensor([[0.2, 0.5, 0.9], [1.0, 1.0, 1.0]], dtype=torch.float64)
     out = rasterize(proj, opac, colors, 12, 14, cfg, background=bg)
     ref = loop_reference(proj, opac, colors, 12, 14, cfg, bg)
+    chunked = rasterize(proj, opac, colors, 12, 14, cfg, background=bg, chunk_pairs=37)  # many small chunks
+    assert torch.equal(chunked["rgb"], out["rgb"]) and torch.equal(chunked["depth"], out["depth"])
     assert (ref[..., 3] > 1 - 1e-3).sum() > 20  # saturated pixels: the stop rule ends them
     # float64 throughout; the transmittance is exp(sum log(1 - a)) instead of a running product: ~1e-15 relative
     torch.testing.assert_close(out["rgb"], ref[..., :3], rtol=1e-10, atol=1e-10)

@@ -181,7 +181,9 @@ def _splat_features(proj: Projection, opacities: Tensor, colors: Tensor) -> Tens
 
 
 @torch.no_grad()
-def _pairs(proj: Projection, feats: Tensor, width: int, height: int, cfg: RasterConfig) -> tuple[Tensor, ...]:
+def _pairs(
+    proj: Projection, feats: Tensor, width: int, height: int, cfg: RasterConfig, chunk_pairs: int = 2**24
+) -> tuple[Tensor, ...]:
     """Every (splat, pixel) pair with alpha >= min_alpha, grouped by pixel, each pixel's Gaussians in increasing
     depth: splat row (c * N + i), global pixel index (c * H * W + y * W + x), pixel centre x and y."""
     C, N = proj.depths.shape
@@ -206,19 +208,31 @@ def _pairs(proj: Projection, feats: Tensor, width: int, height: int, cfg: Raster
     if total == 0:
         e = torch.zeros(0, dtype=torch.long, device=dev)
         return e, e, feats.new_zeros(0), feats.new_zeros(0)
-    k = torch.repeat_interleave(torch.arange(len(cnt), device=dev), cnt)
-    local = torch.arange(total, device=dev) - (torch.cumsum(cnt, 0) - cnt).index_select(0, k)
-    w = wx.index_select(0, k)
-    py = local // w
-    px = x_lo.index_select(0, k) + (local - py * w)
-    py = py + y_lo.index_select(0, k)
-    fk = f.index_select(0, k)
-    dx, dy = fk[:, 0] - (px.to(f.dtype) + 0.5), fk[:, 1] - (py.to(f.dtype) + 0.5)
-    sigma = 0.5 * (fk[:, 2] * dx * dx + fk[:, 4] * dy * dy) + fk[:, 3] * dx * dy
-    alpha = (fk[:, 6] * torch.exp(-sigma)).clamp_max(cfg.alpha_max)
-    ok = torch.nonzero((sigma >= 0) & (alpha >= cfg.min_alpha)).squeeze(1)
-    sid = splat.index_select(0, k.index_select(0, ok))
-    px, py = px.index_select(0, ok), py.index_select(0, ok)
+    # the box pairs in chunks of splats (at most ``chunk_pairs`` each): only the contributing pairs are kept
+    csum = torch.cumsum(cnt, 0)
+    sids, pxs, pys = [], [], []
+    lo = 0
+    while lo < len(cnt):
+        base = int(csum[lo - 1]) if lo > 0 else 0
+        hi = max(int(torch.searchsorted(csum, base + chunk_pairs, right=True)), lo + 1)
+        c = cnt[lo:hi]
+        n_pairs = int(c.sum())
+        k = torch.repeat_interleave(torch.arange(lo, hi, device=dev), c)
+        local = torch.arange(n_pairs, device=dev) - (csum[lo:hi] - c - base).repeat_interleave(c)
+        w = wx.index_select(0, k)
+        py = local // w
+        px = x_lo.index_select(0, k) + (local - py * w)
+        py = py + y_lo.index_select(0, k)
+        fk = f.index_select(0, k)
+        dx, dy = fk[:, 0] - (px.to(f.dtype) + 0.5), fk[:, 1] - (py.to(f.dtype) + 0.5)
+        sigma = 0.5 * (fk[:, 2] * dx * dx + fk[:, 4] * dy * dy) + fk[:, 3] * dx * dy
+        alpha = (fk[:, 6] * torch.exp(-sigma)).clamp_max(cfg.alpha_max)
+        ok = torch.nonzero((sigma >= 0) & (alpha >= cfg.min_alpha)).squeeze(1)
+        sids.append(splat.index_select(0, k.index_select(0, ok)))
+        pxs.append(px.index_select(0, ok))
+        pys.append(py.index_select(0, ok))
+        lo = hi
+    sid, px, py = torch.cat(sids), torch.cat(pxs), torch.cat(pys)
     pix = torch.div(sid, N, rounding_mode="floor") * (height * width) + py * width + px
     # stable radix sort on 32-bit keys (an int64 stable sort is ~50x slower on the CPU)
     key = pix.to(torch.int32) if C * height * width < 2**31 else pix
@@ -239,8 +253,10 @@ def rasterize(
     height: int,
     cfg: RasterConfig,
     background: Tensor | None = None,
+    chunk_pairs: int = 2**24,
 ) -> dict[str, Tensor]:
-    """Composite projected Gaussians front to back (module doc).
+    """Composite projected Gaussians front to back (module doc). The candidate (box) pairs are generated in
+    chunks of at most ``chunk_pairs``, which bounds the memory before the alpha filter.
 
     opacities (N,) in [0, 1]; colors (N, D) or (C, N, D); background (C, D) or None (black).
     Returns rgb (C, H, W, D) composited on the background, alpha, depth, expected_depth, depth_sq (C, H, W, 1),
@@ -251,7 +267,7 @@ def rasterize(
     P = C * height * width
     dt = proj.means2d.dtype
     feats = _splat_features(proj, opacities, colors)
-    sid, pix, pxc, pyc = _pairs(proj, feats, width, height, cfg)
+    sid, pix, pxc, pyc = _pairs(proj, feats, width, height, cfg, chunk_pairs)
     # unbind, not column slices: a slice's backward writes a full-size zero tensor per column
     mx, my, ca, cb, cc, z, o, *col = feats.index_select(0, sid).unbind(1)
     dx, dy = mx - pxc, my - pyc
