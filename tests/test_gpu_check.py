@@ -273,8 +273,11 @@ def test_check_sh_cpu_tiny_end_to_end(tmp_path):
     summary = load("summary.json")
     assert summary["all_stages_ok"] is True
     stages = [s["stage"] for s in summary["stages"]]
-    for s in ("env", "sd_step", "pipeline", "train", "methods", "pytest", "tcnn"):
+    for s in ("env", "sd_step", "pipeline", "train", "methods", "pytest", "tcnn", "gaussians"):
         assert s in stages
+    gs = summary["gaussians"]  # the Gaussians stage, folded into summary.json
+    assert gs["parity"]["status"] == "skipped" and gs["steps"][0]["backend"] == "torch"
+    assert gs["steps"][0]["status"] == "ok" and _finite(gs["steps"][0]["step_ms"])
     assert all(s["seconds"] <= s["limit"] + 1 for s in summary["stages"])
     ok_rows = [r for r in summary["rows"] if r["status"] == "ok"]
     assert any(r["stage"] == "train" and r["method"] == "ddim_inversion" for r in ok_rows)

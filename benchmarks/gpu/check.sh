@@ -17,6 +17,8 @@
 #   3. methods    the same whole step for SDS and every other conf/guidance/*.yaml; a failed method is a row
 #                                                                                           -> train_methods.json
 #   4. tcnn       tinycudann hash grid against the torch one, or a clear "not available"     -> tcnn.json
+#   4b. gaussians benchmarks/gpu/gaussians.py: the torch Gaussian rasterizer against gsplat (parity) and the
+#                 training-render step at 512 px with 100k Gaussians, each backend   -> "gaussians" in summary.json
 #   5. pytest     the test suite with SDI_TEST_DEVICE=cuda (tests that take the test_device fixture run on CUDA),
 #                 with whatever time is left                                                -> pytest.json
 # Then summary.json and one printed table. Everything lands in $OUT (the device tool's) or --out; the whole log is
@@ -151,6 +153,16 @@ main() {
   # ---- 4. tinycudann (before the tests: short; the tests take what is left) ---------------------------------
   run_stage tcnn 15 "$PY" "$ROOT/benchmarks/gpu/report.py" tcnn --device "$DEVICE" --out "$OUTDIR/tcnn.json"
 
+  # ---- 4b. 3D Gaussians: torch rasterizer vs gsplat (parity), step time at 512 px with 100k Gaussians -----------
+  # (its JSON is folded into summary.json: the device tool brings back 8 files at most)
+  if [ "$TINY" = 1 ]; then
+    run_stage gaussians 30 "$PY" "$ROOT/benchmarks/gpu/gaussians.py" --device "$DEVICE" --n 2000 --resolution 32 \
+      --parity-n 500 --iters 1 --warmup 0 --threads 1 --out "$WORK/gaussians.json"
+  else
+    run_stage gaussians 60 "$PY" "$ROOT/benchmarks/gpu/gaussians.py" --device cuda --n 100000 --resolution 512 \
+      --batch 1 --iters 5 --warmup 2 --out "$WORK/gaussians.json"
+  fi
+
   # ---- 5. the test suite on the device ---------------------------------------------------------------------
   local pytest_args=(-p no:cacheprovider -v --timeout 120 --junitxml "$WORK/junit.xml")
   if [ "$TINY" = 1 ]; then  # only the tests that take the device (the whole suite is CI's job)
@@ -169,7 +181,7 @@ main() {
 
   # ---- summary ---------------------------------------------------------------------------------------------
   "$PY" "$ROOT/benchmarks/gpu/report.py" summary --dir "$OUTDIR" --stages "$STAGES" --budget "$BUDGET" \
-    --seconds "$((SECONDS - START))" --out "$OUTDIR/summary.json"
+    --seconds "$((SECONDS - START))" --extra "gaussians=$WORK/gaussians.json" --out "$OUTDIR/summary.json"
 }
 
 main 2>&1 | tee "$OUTDIR/check.log"

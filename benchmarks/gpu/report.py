@@ -277,6 +277,9 @@ def cmd_summary(a) -> int:
         tcnn={k: tc.get(k) for k in ("available", "reason", "rel_err_encoding", "speedup_tcnn")},
         all_stages_ok=bool(stages) and all(s["ok"] for s in stages),
     )
+    for item in a.extra or []:  # NAME=PATH: a stage's JSON folded in (the device tool brings back 8 files at most)
+        name, _, path = item.partition("=")
+        res[name] = _load(Path(path))
     write(a.out, res)
     print(f"\n==== GPU check summary: {res['device']}, torch {res['torch']}, {a.seconds} s of {a.budget} s ====")
     print("stage          rc   seconds  limit")
@@ -306,6 +309,19 @@ def cmd_summary(a) -> int:
     if tc:
         print(f"tinycudann: {'available' if tc.get('available') else 'not available'}"
               f"{'' if tc.get('available') else ' (' + str(tc.get('reason')) + ')'}")  # fmt: skip
+    gs = res.get("gaussians")
+    if gs:
+        par = gs.get("parity") or {}
+        if par.get("status") == "ok":
+            print(
+                f"gaussians parity torch vs gsplat {gs.get('gsplat')}: max |rgb| {par['max_abs_rgb']:.2e}, "
+                f"max |alpha| {par['max_abs_alpha']:.2e}, grad rel err {par['grad_means_rel_err']:.2e}"
+            )
+        else:
+            print(f"gaussians parity: {par.get('status')} ({par.get('reason')})")
+        for r in gs.get("steps", []):
+            extra = f"{r['step_ms']:.1f} ms/step" if r.get("status") == "ok" else r.get("status")
+            print(f"gaussians {r['backend']:6s} {r['n']} at {r['resolution']} px x {r['batch']}: {extra}")
     print(f"all stages ran: {res['all_stages_ok']}")
     return 0 if res["all_stages_ok"] else 1
 
@@ -330,6 +346,7 @@ def main(argv=None) -> int:
     p.add_argument("--stages", required=True)
     p.add_argument("--budget", type=int, default=0)
     p.add_argument("--seconds", type=int, default=0)
+    p.add_argument("--extra", nargs="*", default=[], help="NAME=PATH: a stage's JSON to fold into the summary")
     p.add_argument("--out", required=True)
     a = ap.parse_args(argv)
     return {"env": cmd_env, "pytest": cmd_pytest, "tcnn": cmd_tcnn, "summary": cmd_summary}[a.cmd](a)
