@@ -195,7 +195,10 @@ def _pairs(
     if len(splat) == 0:
         e = torch.zeros(0, dtype=torch.long, device=dev)
         return e, e, feats.new_zeros(0), feats.new_zeros(0)
-    f = feats.detach().index_select(0, splat)
+    # mean x y, conic A B C, and log(o / min_alpha): alpha >= min_alpha  <=>  sigma <= log(o / min_alpha)
+    f = feats.detach().index_select(0, splat)[:, :7]
+    f[:, 5] = torch.log(f[:, 6] / cfg.min_alpha)
+    f = f[:, :6].contiguous()
     r = proj.radii.reshape(-1, 2).index_select(0, splat).to(f.dtype)
     mx, my = f[:, 0], f[:, 1]
     x_lo = torch.ceil(mx - r[:, 0] - 0.5).clamp(0, width).long()
@@ -226,8 +229,7 @@ def _pairs(
         fk = f.index_select(0, k)
         dx, dy = fk[:, 0] - (px.to(f.dtype) + 0.5), fk[:, 1] - (py.to(f.dtype) + 0.5)
         sigma = 0.5 * (fk[:, 2] * dx * dx + fk[:, 4] * dy * dy) + fk[:, 3] * dx * dy
-        alpha = (fk[:, 6] * torch.exp(-sigma)).clamp_max(cfg.alpha_max)
-        ok = torch.nonzero((sigma >= 0) & (alpha >= cfg.min_alpha)).squeeze(1)
+        ok = torch.nonzero((sigma >= 0) & (sigma <= fk[:, 5])).squeeze(1)
         sids.append(splat.index_select(0, k.index_select(0, ok)))
         pxs.append(px.index_select(0, ok))
         pys.append(py.index_select(0, ok))
