@@ -156,7 +156,7 @@ main() {
   # ---- 4b. 3D Gaussians: torch rasterizer vs gsplat (parity), step time at 512 px with 100k Gaussians -----------
   # (its JSON is folded into summary.json: the device tool brings back 8 files at most)
   if [ "$TINY" = 1 ]; then
-    run_stage gaussians 20 "$PY" "$ROOT/benchmarks/gpu/gaussians.py" --device "$DEVICE" --n 500 --resolution 24 \
+    run_stage gaussians 25 "$PY" "$ROOT/benchmarks/gpu/gaussians.py" --device "$DEVICE" --n 500 --resolution 24 \
       --parity-n 200 --iters 1 --warmup 0 --threads 1 --out "$WORK/gaussians.json"
   else
     run_stage gaussians 60 "$PY" "$ROOT/benchmarks/gpu/gaussians.py" --device cuda --n 100000 --resolution 512 \
