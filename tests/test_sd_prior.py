@@ -267,15 +267,17 @@ def test_memory_and_speed_options_agree(tiny_sd_dir, prior_mean):
     # gradient goes back through the whole VAE encoder (4 blocks, twice as deep as the UNet here, and a backward):
     # measured <= 30 EPS32 * max|grad| (avx2 and default kernels), allowed 8x that
     eps_tol, grad_tol = fp32_tol(ref.abs().max()), fp32_tol(ref_grad.abs().max(), ulps=256)
-    for kw in (dict(attention="slicing"), dict(attention="eager"), dict(channels_last=True), dict(low_memory=True)):
+    options = (dict(attention="slicing"), dict(attention="eager"), dict(channels_last=True), dict(low_memory=True))
+    for kw in (*options, dict(vae_checkpointing=True)):
         p = make_prior(tiny_sd_dir, vae_posterior="mean", **kw)
         with torch.no_grad():
             close(p.eps(x, t, emb), ref, eps_tol, f"eps with {kw}")
         img = smooth_render(requires_grad=True)
         p.encode(img).pow(2).sum().backward()
         close(img.grad, ref_grad, grad_tol, f"d encode / d image with {kw}")
-        if kw.get("low_memory"):
+        if kw.get("low_memory") or kw.get("vae_checkpointing"):
             assert p.vae.encoder.gradient_checkpointing
+        if kw.get("low_memory"):
             assert next(p.text_encoder.parameters()).dtype == torch.float32
             p.to("cpu")  # moving the prior leaves the text encoder on the CPU
             assert next(p.text_encoder.parameters()).device.type == "cpu"

@@ -139,6 +139,9 @@ class StableDiffusionPrior(DiffusionPrior):
         # memory), VAE batch slicing, text encoder kept on the CPU (fp32); combine with
         # attention=slicing for the least memory
         low_memory: bool = False
+        # VAE gradient checkpointing alone (implied by low_memory): the encoder's down blocks are
+        # recomputed in the backward of encode; same latents and gradients, less activation memory
+        vae_checkpointing: bool = False
         vae_posterior: str = "sample"  # sample (official / threestudio) | mean
         # on-disk text-embedding cache (keyed by model, revision, weights, prompt); null = off
         embedding_cache_dir: str | None = "~/.cache/sdi-lab/text_embeddings"
@@ -226,8 +229,9 @@ class StableDiffusionPrior(DiffusionPrior):
             # the text is embedded once (and cached): keep the encoder off the GPU
             self.text_encoder.to("cpu", torch.float32)
         self._configure_attention(cfg)
-        if cfg.low_memory:
+        if cfg.low_memory or cfg.vae_checkpointing:
             self.vae.enable_gradient_checkpointing()
+        if cfg.low_memory:
             self.vae.use_slicing = True
         if cfg.channels_last:
             self.unet.to(memory_format=torch.channels_last)

@@ -38,6 +38,8 @@ DENSITY_BIASES = ("blob_magic3d", "blob_dreamfusion", "none")
 DENSITY_ACTIVATIONS = ("softplus", "exp")
 BACKGROUNDS = ("neural", "solid")
 CONVEXITY_NORMALS = ("threestudio", "world")
+NORMALS = ("auto", "always")
+FIELD_AUTOCAST = ("none", "fp16", "bf16")
 
 
 @dataclass
@@ -200,6 +202,12 @@ class NeRFScene(nn.Module):
         density_blob_std: float = 0.5
         normal_type: str = "analytic"  # analytic | finite_difference
         finite_difference_eps: float = 0.01
+        # auto: training renders skip the normals when neither the shading nor a regulariser with a
+        # non-zero weight at this step uses them (exact: nothing that is learned changes) | always
+        normals: str = "auto"
+        # memory lever: run the field (hash grid + MLPs) under torch.autocast in fp16 / bf16; the
+        # compositing stays in the parameters' dtype. none = off (fp32, the reference)
+        field_autocast: str = "none"
         shading: str = "dreamfusion"  # dreamfusion (random albedo/lambertian/textureless) | albedo (always)
         material: MaterialConfig = field(default_factory=MaterialConfig)
         background: BackgroundConfig = field(default_factory=BackgroundConfig)
@@ -214,6 +222,8 @@ class NeRFScene(nn.Module):
                 ("density_bias", DENSITY_BIASES),
                 ("normal_type", NORMAL_TYPES),
                 ("shading", TRAIN_SHADINGS),
+                ("normals", NORMALS),
+                ("field_autocast", FIELD_AUTOCAST),
             )
             for name, allowed in checks:
                 if getattr(self, name) not in allowed:
@@ -305,11 +315,16 @@ class NeRFScene(nn.Module):
         """albedo(x) in [0, 1], (N, 3)."""
         return torch.sigmoid(self.feature_net(self._encode(points.to(self._param.dtype))))
 
-    def geometry(self, x: Tensor) -> dict[str, Tensor]:
-        """density (N,), albedo (N, 3) and unit normal (N, 3) at world points x (N, 3)."""
+    def geometry(self, x: Tensor, normals: bool = True) -> dict[str, Tensor]:
+        """density (N,), albedo (N, 3) and unit normal (N, 3) at world points x (N, 3); without
+        ``normals`` no normal (and none of its cost: Jacobian, input gradient, differences)."""
         c = self.cfg
         x = x.detach()
         x01 = self._to01(x)
+        if not normals:
+            enc = self._encode(x)
+            raw = self.density_net(enc)[:, 0] + self.density_bias(x)[0]
+            return {"density": self._activate(raw), "albedo": torch.sigmoid(self.feature_net(enc))}
         if c.normal_type == "none":  # no normals (prolificdreamer.yaml / hifa.yaml): zeros, no gradient work
             enc = self._encode(x)
             raw = self.density_net(enc)[:, 0] + self.density_bias(x)[0]
@@ -363,7 +378,9 @@ class NeRFScene(nn.Module):
         Returns (B, C, H, W) maps: rgb (composited), opacity, depth, normal (unit, world space,
         0 where empty), comp_normal ((normal + 1) / 2 * opacity, threestudio's), z_variance,
         orientation (per-pixel sum_i stopgrad(w_i) max(n_i . d, 0)^2), background; and
-        n_samples (0-d): field evaluations.
+        n_samples (0-d): field evaluations. A training render whose shading and regularisers do
+        not use normals (``needs_normals``) leaves out normal, comp_normal and orientation when
+        ``normals=auto``.
         """
         p = self._param
         dev, dt = p.device, p.dtype
@@ -395,9 +412,19 @@ class NeRFScene(nn.Module):
         jitter = _rand(generator, (R, S), dev, dt) if (train and self.cfg.renderer.stratified) else None
         self.last_shading = mode
         m = self.cfg.material
+        normals = not train or self.needs_normals(mode, int(self.step))
+        amp = self.cfg.field_autocast
+        amp_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(amp)
 
         def field_fn(points: Tensor, ray_idx: Tensor) -> dict[str, Tensor]:
-            geo = self.geometry(points)
+            if amp_dtype is None:
+                geo = self.geometry(points, normals)
+            else:  # the field in half precision, its outputs back in the compositing dtype
+                with torch.autocast(dev.type, dtype=amp_dtype):
+                    geo = self.geometry(points, normals)
+                geo = {k: v.to(dt) for k, v in geo.items()}
+            if not normals:
+                return {"density": geo["density"], "rgb": geo["albedo"]}
             if mode == "albedo":
                 rgb = geo["albedo"]
             else:
@@ -407,23 +434,30 @@ class NeRFScene(nn.Module):
                 rgb = lum if mode == "textureless" else geo["albedo"].clamp(0.0, 1.0) * lum
             return {"density": geo["density"], "rgb": rgb, "normal": geo["normal"]}
 
-        ray = self.renderer(field_fn, o, d, jitter)
+        ray = self.renderer(field_fn, o, d, jitter, normals=normals)
         bg = self.background(d)
         opacity = ray["opacity"]
-        normal = F.normalize(ray["normal_sum"], dim=-1)
         out = {
             "rgb": ray["rgb"] + (1.0 - opacity) * bg,
             "opacity": opacity,
             "depth": ray["depth"],
-            "normal": normal,
-            "comp_normal": (normal + 1.0) * 0.5 * opacity,
             "z_variance": ray["z_variance"],
-            "orientation": ray["orientation"],
             "background": bg,
         }
+        if normals:
+            normal = F.normalize(ray["normal_sum"], dim=-1)
+            out.update(normal=normal, comp_normal=(normal + 1.0) * 0.5 * opacity, orientation=ray["orientation"])
         out = {k: v.view(B, H, W, -1).permute(0, 3, 1, 2) for k, v in out.items()}
         out["n_samples"] = ray["n_samples"]
         return out
+
+    def needs_normals(self, mode: str, step: int) -> bool:
+        """Whether a training render in shading ``mode`` at ``step`` uses normals: shading other than
+        albedo, or a non-zero orientation / convexity weight (always True with ``normals=always``)."""
+        if self.cfg.normals == "always" or mode != "albedo":
+            return True
+        r = self.cfg.regularisers
+        return r.orientation.at(step) != 0.0 or r.convexity.at(step) != 0.0
 
     # -- training hooks ------------------------------------------------------------------------
     def update_step(self, step: int, max_steps: int) -> None:

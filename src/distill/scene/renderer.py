@@ -25,6 +25,14 @@ Occupancy grid (nerfacc's OccGridEstimator over the cube [-radius, radius]^3): e
     occ <- max(decay * occ, sigma(x_cell)),   occupied = occ > min(mean(occ), density_threshold).
 ``density_threshold`` 0.74 is nerfacc's occ_thre 0.01 over threestudio's render step
 2 sqrt(3) radius / 512 at radius 2.
+
+Memory levers (issue 20; the math above is unchanged, only what is held for the backward):
+``chunk_rays`` > 0 marches the rays with an occupied interval in chunks of that many rays, and
+``checkpoint`` recomputes each chunk's field and compositing in the backward
+(``torch.utils.checkpoint``, non-reentrant) instead of keeping its activations: the backward then
+holds one chunk's activations at a time. Results equal the unchunked render up to the summation
+order of the parameter gradients (and of the field's matrix products when a chunk boundary
+changes the batch size), i.e. fp32 rounding.
 """
 
 from __future__ import annotations
@@ -34,6 +42,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint as _checkpoint
 
 
 @dataclass
@@ -55,6 +64,10 @@ class RendererConfig:
     # threestudio: variance under w / O, zeroed where O <= 0.5 (the reference's); unnormalised: sum w (t - depth)^2
     z_variance: str = "threestudio"
     occupancy: OccupancyConfig = field(default_factory=OccupancyConfig)
+    # memory levers (see the module doc): rays per chunk (0 = all at once) and activation
+    # checkpointing of each chunk (needs chunk_rays > 0)
+    chunk_rays: int = 0
+    checkpoint: bool = False
 
     def validate(self, where: str = "renderer") -> None:
         if self.samples_per_ray <= 0:
@@ -63,6 +76,13 @@ class RendererConfig:
             raise ValueError(
                 f"{where}.z_variance={self.z_variance!r} is unknown; allowed: {', '.join(Z_VARIANCES)} "
                 "(threestudio: the reference's opacity-normalised variance)"
+            )
+        if self.chunk_rays < 0:
+            raise ValueError(f"{where}.chunk_rays={self.chunk_rays} must be >= 0 (0 = no chunking)")
+        if self.checkpoint and self.chunk_rays == 0:
+            raise ValueError(
+                f"{where}.checkpoint=true needs {where}.chunk_rays > 0 (e.g. 16384): checkpointing recomputes "
+                "one chunk of rays at a time"
             )
         o = self.occupancy
         for name in ("resolution", "update_interval", "probe_samples", "chunk"):
@@ -91,6 +111,7 @@ def z_variance(w: Tensor, t: Tensor, opacity: Tensor, formula: str = "threestudi
 
 
 # field(points (M, 3), ray_index (M,)) -> {"density": (M,), "rgb": (M, 3), "normal": (M, 3)}
+# ("normal" only when the render asks for normals)
 FieldFn = Callable[[Tensor, Tensor], dict]
 
 
@@ -176,46 +197,82 @@ class VolumeRenderer(nn.Module):
         tb = torch.minimum(t0 + (last.to(o.dtype) + 2.0) * step, t1)
         return ta, tb, hit & any_occ
 
-    def forward(self, field_fn: FieldFn, origins: Tensor, dirs: Tensor, jitter: Tensor | None = None) -> dict:
+    def forward(
+        self, field_fn: FieldFn, origins: Tensor, dirs: Tensor, jitter: Tensor | None = None, normals: bool = True
+    ) -> dict:
         """origins, dirs (R, 3) (dirs unit); jitter (R, S) in [0, 1) or None for midpoints.
 
         Returns per-ray tensors: rgb (R, 3) premultiplied foreground, opacity, depth, z_variance,
         orientation (R, 1), normal_sum (R, 3); and ``n_samples`` (int tensor): field evaluations.
+        With ``normals=False`` the field returns no normals and orientation / normal_sum are absent.
         """
         R, S = origins.shape[0], self.cfg.samples_per_ray
-        dev, dt = origins.device, origins.dtype
+        dev = origins.device
         if jitter is not None and jitter.shape != (R, S):
             raise ValueError(f"jitter must have shape (rays, samples_per_ray)=({R}, {S}), got {tuple(jitter.shape)}")
         ta, tb, valid = self._interval(origins, dirs)
         vidx = valid.nonzero().squeeze(1)
-        out = {
-            "rgb": origins.new_zeros(R, 3),
-            "opacity": origins.new_zeros(R, 1),
-            "depth": origins.new_zeros(R, 1),
-            "z_variance": origins.new_zeros(R, 1),
-            "orientation": origins.new_zeros(R, 1),
-            "normal_sum": origins.new_zeros(R, 3),
-            "n_samples": torch.zeros((), dtype=torch.int64, device=dev),
-        }
+        keys = ("rgb", "opacity", "depth", "z_variance") + (("orientation", "normal_sum") if normals else ())
+        out = {k: origins.new_zeros(R, 3 if k in ("rgb", "normal_sum") else 1) for k in keys}
+        out["n_samples"] = torch.zeros((), dtype=torch.int64, device=dev)
         if vidx.numel() == 0:
             return out
-        o, d = origins[vidx], dirs[vidx]
-        ta, tb = ta[vidx], tb[vidx]
+        u = jitter[vidx] if jitter is not None else None
+        chunk = self.cfg.chunk_rays or vidx.numel()
+        parts, n_samples = [], []
+        for lo in range(0, vidx.numel(), chunk):
+            args = (origins[vidx[lo : lo + chunk]], dirs[vidx[lo : lo + chunk]], ta[vidx[lo : lo + chunk]])
+            args += (tb[vidx[lo : lo + chunk]], None if u is None else u[lo : lo + chunk], vidx[lo : lo + chunk])
+
+            def march(*a, _fn=field_fn, _normals=normals):
+                return self._march(_fn, *a, normals=_normals)
+
+            if self.cfg.checkpoint and torch.is_grad_enabled():
+                vals, n = _checkpoint(march, *args, use_reentrant=False, preserve_rng_state=False)
+            else:
+                vals, n = march(*args)
+            parts.append(vals)
+            n_samples.append(n)
+        out["n_samples"] = torch.stack(n_samples).sum()
+        for k in keys:
+            v = parts[0][k] if len(parts) == 1 else torch.cat([p[k] for p in parts])
+            out[k] = out[k].to(v.dtype).index_put((vidx,), v)
+        return out
+
+    def _march(
+        self,
+        field_fn: FieldFn,
+        o: Tensor,
+        d: Tensor,
+        ta: Tensor,
+        tb: Tensor,
+        u: Tensor | None,
+        vidx: Tensor,
+        normals: bool = True,
+    ) -> tuple[dict, Tensor]:
+        """Sample, evaluate and composite the rays o, d (Rv, 3) over [ta, tb] (jitter u (Rv, S) or
+        None); per-ray values (Rv, C) and the number of field evaluations (0-d int tensor)."""
+        S = self.cfg.samples_per_ray
+        dev, dt = o.device, o.dtype
+        Rv = o.shape[0]
         delta = ((tb - ta) / S)[:, None]  # (Rv, 1)
-        u = jitter[vidx].to(dt) if jitter is not None else torch.full((1, S), 0.5, device=dev, dtype=dt)
+        u = u.to(dt) if u is not None else torch.full((1, S), 0.5, device=dev, dtype=dt)
         t = ta[:, None] + (torch.arange(S, device=dev, dtype=dt)[None, :] + u) * delta  # (Rv, S)
         pts = o[:, None, :] + t[..., None] * d[:, None, :]
         with torch.no_grad():
             mask = self.grid.lookup(pts, inside_cube=True)  # samples lie in [t_near, t_far]: inside the sphere
         sel = mask.nonzero()
-        Rv = vidx.numel()
-        out["n_samples"] = torch.tensor(sel.shape[0], device=dev)
+        n = torch.tensor(sel.shape[0], device=dev)
         if sel.shape[0] == 0:
-            return out
+            zeros = {k: o.new_zeros(Rv, 1) for k in ("opacity", "depth", "z_variance", "orientation")}
+            zeros.update(rgb=o.new_zeros(Rv, 3), normal_sum=o.new_zeros(Rv, 3))
+            if not normals:
+                del zeros["orientation"], zeros["normal_sum"]
+            return zeros, n
         f = field_fn(pts[sel[:, 0], sel[:, 1]], vidx[sel[:, 0]])
-        sigma = torch.zeros(Rv, S, device=dev, dtype=f["density"].dtype).index_put((sel[:, 0], sel[:, 1]), f["density"])
-        rgb = torch.zeros(Rv, S, 3, device=dev, dtype=f["rgb"].dtype).index_put((sel[:, 0], sel[:, 1]), f["rgb"])
-        nrm = torch.zeros(Rv, S, 3, device=dev, dtype=f["normal"].dtype).index_put((sel[:, 0], sel[:, 1]), f["normal"])
+        ij = (sel[:, 0], sel[:, 1])
+        sigma = torch.zeros(Rv, S, device=dev, dtype=f["density"].dtype).index_put(ij, f["density"])
+        rgb = torch.zeros(Rv, S, 3, device=dev, dtype=f["rgb"].dtype).index_put(ij, f["rgb"])
 
         tau = sigma * delta
         alpha = 1.0 - torch.exp(-tau)
@@ -224,16 +281,10 @@ class VolumeRenderer(nn.Module):
         opacity = w.sum(1, keepdim=True)
         depth = (w * t).sum(1, keepdim=True)
         zvar = z_variance(w, t, opacity, self.cfg.z_variance)
-        cos = (nrm * d[:, None, :]).sum(-1).clamp_min(0.0)
-        orient = (w.detach() * cos**2).sum(1, keepdim=True)
-        vals = {
-            "rgb": (w[..., None] * rgb).sum(1),
-            "opacity": opacity,
-            "depth": depth,
-            "z_variance": zvar,
-            "orientation": orient,
-            "normal_sum": (w[..., None] * nrm).sum(1),
-        }
-        for k, v in vals.items():
-            out[k] = out[k].to(v.dtype).index_put((vidx,), v)
-        return out
+        vals = {"rgb": (w[..., None] * rgb).sum(1), "opacity": opacity, "depth": depth, "z_variance": zvar}
+        if normals:
+            nrm = torch.zeros(Rv, S, 3, device=dev, dtype=f["normal"].dtype).index_put(ij, f["normal"])
+            cos = (nrm * d[:, None, :]).sum(-1).clamp_min(0.0)
+            vals["orientation"] = (w.detach() * cos**2).sum(1, keepdim=True)
+            vals["normal_sum"] = (w[..., None] * nrm).sum(1)
+        return vals, n
