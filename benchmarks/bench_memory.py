@@ -5,12 +5,14 @@
     python benchmarks/bench_memory.py vae --resolutions 128 256 [--dtype fp32]
     python benchmarks/bench_memory.py unet --latents 16 32 [--rows 4]
     python benchmarks/bench_memory.py steps --model DIR [--guidance ddim_inversion sds vsd] [--resolution 512]
+    python benchmarks/bench_memory.py render vae steps --model DIR ...    # several parts, one JSON
 
 render: the official NeRF scene (conf/scene/nerf.yaml; torch hash grid) rendered as in training (one 1-view batch,
     random shading and light, stratified jitter), forward + backward of the render's loss (rgb + the official
     regularisers), then one Adam step. Scene state ``dense``: a synthetic dense object (a snowman of two spheres,
-    sigma 20 inside, fitted by 300 Adam steps of density regression, then 60 occupancy updates) at step 6000 (all 16
-    hash levels active, the late-training state); ``blob``: bench_render.py's initial blob at step 1000 (8 levels).
+    sigma 20 inside, fitted by 40 Adam steps of density regression: mean sigma 18 inside, 0.05 outside; then 4
+    occupancy updates of a fresh grid) at step 6000 (all 16 hash levels active, the late-training state); ``blob``:
+    bench_render.py's initial blob at step 1000 (8 levels).
     Per lever setting: field samples, saved-activation bytes (distill.memory.SavedBytes: exact, 1:1 the activation
     memory a GPU holds in fp32) split into encoding / mlp / field (normals, activations) / compositing (dense
     rays x samples tensors, shading) / background, the peak memory of forward + backward above the memory before
@@ -32,6 +34,7 @@ Every row is written to --out (JSON) with the command, torch version, device and
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -123,7 +126,7 @@ def build_scene(state: str, device: torch.device, lever: dict, seed: int = 0):
 _FITTED: dict = {}
 
 
-def fit_dense(scene, device: torch.device, steps: int = 300, seed: int = 0) -> dict:
+def fit_dense(scene, device: torch.device, steps: int = 40, seed: int = 0) -> dict:
     """Regress sigma to the snowman at random points (all 16 levels active), then settle the occupancy grid."""
     scene.encoding.active_levels.fill_(scene.cfg.encoding.n_levels)
     opt = torch.optim.Adam(scene.param_groups())
@@ -135,10 +138,12 @@ def fit_dense(scene, device: torch.device, steps: int = 300, seed: int = 0) -> d
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-    for s in range(60):
+    scene.renderer.grid.occ.zero_()  # forget the initial blob: the grid of the fitted field alone
+    for s in range(4):
         scene.update_occupancy(16 * s)
     return {
-        "fit_loss": float(loss),
+        "fit_steps": steps,
+        "fit_loss": float(loss.detach()),
         "fit_s": time.perf_counter() - t0,
         "occupied": float(scene.renderer.grid.binary.float().mean()),
     }
@@ -377,7 +382,7 @@ def fmt(r: dict) -> str:
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("part", choices=["render", "vae", "unet", "steps"])
+    ap.add_argument("parts", nargs="+", choices=["render", "vae", "unet", "steps"], help="run in this order")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--resolutions", type=int, nargs="+", default=[128])
@@ -400,7 +405,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--method-seconds", type=float, default=30.0)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=None)
-    ap.add_argument("overrides", nargs="*", help="steps: more Hydra overrides for every method")
+    ap.add_argument("--overrides", nargs="*", default=[], help="steps: more Hydra overrides for every method")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     for lv in LEVERS.values():
@@ -412,7 +417,7 @@ def main(argv=None) -> dict:
     ]
     report = dict(
         benchmark="memory",
-        part=a.part,
+        parts=a.parts,
         command=" ".join(["python", *sys.argv]) if argv is None else "bench_memory.main(" + " ".join(argv) + ")",
         device=str(device),
         device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else platform.machine(),
@@ -433,36 +438,35 @@ def main(argv=None) -> dict:
             report["loadavg_after"] = os.getloadavg()
             a.out.write_text(json.dumps(report, indent=2))
 
-    if a.part == "render":
-        levers = list(LEVERS) if a.levers == ["all"] else a.levers
-        for res in a.resolutions:
-            for lv in levers:
-                if lv in ("fp16", "ckpt_fp16") and device.type != "cuda":
-                    continue  # fp16 autocast is the CUDA lever; bf16 stands in on the CPU
-                row = render_row(a.state, res, lv, device, a.seed)
+    for part in a.parts:
+        if part == "steps" and not a.model:
+            ap.error("steps needs --model DIR (benchmarks/gpu/make_pipeline.py writes one)")
+        if part == "render":
+            levers = list(LEVERS) if a.levers == ["all"] else a.levers
+            jobs = [
+                functools.partial(render_row, a.state, res, lv, device, a.seed)
+                for res in a.resolutions
+                for lv in levers
+                if device.type == "cuda" or lv not in ("fp16", "ckpt_fp16")  # fp16 autocast: the CUDA lever
+            ]
+        elif part == "vae":
+            jobs = [functools.partial(vae_row, res, ck, device, dtype) for res in a.resolutions for ck in (False, True)]
+        elif part == "unet":
+            jobs = [functools.partial(unet_row, lat, a.rows, device, dtype) for lat in a.latents]
+        else:
+            jobs = [functools.partial(steps_rows, a, device)]
+        for job in jobs:
+            try:
+                rows = job()
+            except Exception as e:  # noqa: BLE001 - a failed part is a row, the others still run
+                rows = {"part": part, "status": "failed", "error": f"{type(e).__name__}: {str(e)[:400]}"}
+                print(f"{part} FAILED: {rows['error']}", flush=True)
+            for row in rows if isinstance(rows, list) else [rows]:
                 report["rows"].append(row)
-                print(fmt(row), flush=True)
-                save()
-                gc_collect()
-    elif a.part == "vae":
-        for res in a.resolutions:
-            for ckpt in (False, True):
-                row = vae_row(res, ckpt, device, dtype)
-                report["rows"].append(row)
-                print(fmt(row), flush=True)
-                save()
-                gc_collect()
-    elif a.part == "unet":
-        for lat in a.latents:
-            row = unet_row(lat, a.rows, device, dtype)
-            report["rows"].append(row)
-            print(fmt(row), flush=True)
+                if part != "steps" and row.get("status") != "failed":
+                    print(fmt(row), flush=True)
             save()
             gc_collect()
-    else:
-        if not a.model:
-            ap.error("steps needs --model DIR (benchmarks/gpu/make_pipeline.py writes one)")
-        report["rows"] = steps_rows(a, device)
     save()
     return report
 

@@ -273,11 +273,17 @@ def test_check_sh_cpu_tiny_end_to_end(tmp_path):
     summary = load("summary.json")
     assert summary["all_stages_ok"] is True
     stages = [s["stage"] for s in summary["stages"]]
-    for s in ("env", "sd_step", "pipeline", "train", "methods", "pytest", "tcnn", "gaussians"):
+    for s in ("env", "sd_step", "pipeline", "train", "methods", "memory", "pytest", "tcnn", "gaussians"):
         assert s in stages
     gs = summary["gaussians"]  # the Gaussians stage, folded into summary.json
     assert gs["parity"]["status"] == "skipped" and gs["steps"][0]["backend"] == "torch"
     assert gs["steps"][0]["status"] == "ok" and _finite(gs["steps"][0]["step_ms"])
+    # the memory stage (issue 20) travels inside summary.json: render rows by lever, VAE rows, whole steps
+    mem = {(r["part"], r.get("lever", r.get("levers"))): r for r in summary["memory"]["rows"]}
+    off, ckpt = mem[("render", "off")], mem[("render", "ckpt")]
+    assert off["samples"] == ckpt["samples"] > 0 and 0 < ckpt["saved_bytes"] < off["saved_bytes"]
+    assert mem[("vae_encode_backward", "vae_checkpointing")]["saved_bytes"] > 0 and mem[("vae_encode_backward", "off")]
+    assert {mem[("train_step", s)]["status"] for s in ("off", "on")} == {"ok"}
     assert all(s["seconds"] <= s["limit"] + 1 for s in summary["stages"])
     ok_rows = [r for r in summary["rows"] if r["status"] == "ok"]
     assert any(r["stage"] == "train" and r["method"] == "ddim_inversion" for r in ok_rows)

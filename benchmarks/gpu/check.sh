@@ -16,6 +16,9 @@
 #                 pipeline directory (benchmarks/gpu/make_pipeline.py) as prior.model     -> train_step.json
 #   3. methods    the same whole step for SDS and every other conf/guidance/*.yaml; a failed method is a row
 #                                                                                           -> train_methods.json
+#   3b. memory    benchmarks/bench_memory.py: the SDI step's memory part by part (render by lever at 512 px on a
+#                 fitted dense object, VAE encode + backward with / without checkpointing, whole steps of SDI, SDS
+#                 and VSD with the memory levers off / on)           -> summary.json["memory"] (8-file limit)
 #   4. tcnn       tinycudann hash grid against the torch one, or a clear "not available"     -> tcnn.json
 #   4b. gaussians benchmarks/gpu/gaussians.py: the torch Gaussian rasterizer against gsplat (parity) and the
 #                 training-render step at 512 px with 100k Gaussians, each backend   -> "gaussians" in summary.json
@@ -148,6 +151,17 @@ main() {
     run_stage methods 120 "$PY" "$ROOT/benchmarks/bench_train_step.py" --model "$pipe" --guidance $methods \
       --steps 30 --warmup 2 --method-seconds "$per_method" --device cuda --out "$OUTDIR/train_methods.json"
   fi
+  # ---- 3b. memory of the SDI step part by part, levers off / on (issue 20; into summary.json, not a 9th file) ----
+  if [ "$TINY" = 1 ]; then
+    run_stage memory 40 "$PY" "$ROOT/benchmarks/bench_memory.py" render vae steps --device "$DEVICE" --threads 1 \
+      --resolutions 32 --state blob --levers off ckpt --chunk-rays 256 --model "$pipe" --guidance ddim_inversion \
+      --resolution 32 --scene nerf_cpu --steps 1 --warmup 0 --out "$WORK/memory.json"
+  else
+    run_stage memory 100 "$PY" "$ROOT/benchmarks/bench_memory.py" render vae steps --device cuda \
+      --resolutions 512 --state dense --levers off no_normals ckpt fp16 ckpt_fp16 fd --model "$pipe" \
+      --guidance ddim_inversion sds vsd --resolution 512 --steps 2 --warmup 1 --method-seconds 8 \
+      --out "$WORK/memory.json"
+  fi
   rm -rf "$pipe"
 
   # ---- 4. tinycudann (before the tests: short; the tests take what is left) ---------------------------------
@@ -181,7 +195,8 @@ main() {
 
   # ---- summary ---------------------------------------------------------------------------------------------
   "$PY" "$ROOT/benchmarks/gpu/report.py" summary --dir "$OUTDIR" --stages "$STAGES" --budget "$BUDGET" \
-    --seconds "$((SECONDS - START))" --extra "gaussians=$WORK/gaussians.json" --out "$OUTDIR/summary.json"
+    --seconds "$((SECONDS - START))" --extra "gaussians=$WORK/gaussians.json" "memory=$WORK/memory.json" \
+    --out "$OUTDIR/summary.json"
 }
 
 main 2>&1 | tee "$OUTDIR/check.log"

@@ -322,8 +322,30 @@ def cmd_summary(a) -> int:
         for r in gs.get("steps", []):
             extra = f"{r['step_ms']:.1f} ms/step" if r.get("status") == "ok" else r.get("status")
             print(f"gaussians {r['backend']:6s} {r['n']} at {r['resolution']} px x {r['batch']}: {extra}")
+    print_memory(res.get("memory"))
     print(f"all stages ran: {res['all_stages_ok']}")
     return 0 if res["all_stages_ok"] else 1
+
+
+def print_memory(mem: dict | None) -> None:
+    """The memory stage (benchmarks/bench_memory.py, issue 20): one line per row."""
+    if not mem:
+        return
+    print(f"\nmemory ({mem.get('device')}; GB = 1e9 B; saved = activations kept for the backward):")
+    for r in mem.get("rows", []):
+        if r.get("part") == "render":
+            print(
+                f"  render {r['resolution']}px {r['lever']:10s} samples {r['samples']:>9,d}  saved "
+                f"{r['saved_bytes'] / 1e9:6.2f}  peak +{r['peak_delta_bytes'] / 1e9:6.2f}  "
+                f"fwd+bwd {r['fwd_s'] + r['bwd_s']:.2f} s"
+            )
+        elif r.get("part") == "vae_encode_backward":
+            print(f"  vae    {r['resolution']}px {r['lever']:17s} saved {r['saved_bytes'] / 1e9:6.2f}  "
+                  f"peak +{r['peak_delta_bytes'] / 1e9:6.2f}")  # fmt: skip
+        elif r.get("part") == "train_step":
+            gb = r.get("peak_allocated_gb") if r.get("peak_allocated_gb") is not None else r.get("peak_rss_gb")
+            state = f"peak {gb:6.2f} (reserved {r.get('peak_reserved_gb')})" if r.get("status") == "ok" else "FAILED"
+            print(f"  step   {r['guidance']:16s} levers {r['levers']:3s} {state}")
 
 
 def main(argv=None) -> int:
