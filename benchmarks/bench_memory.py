@@ -392,6 +392,7 @@ def main(argv=None) -> dict:
     ap.add_argument(
         "--dtype", default=None, choices=["fp32", "fp16", "bf16"], help="VAE/UNet dtype (fp32 CPU, fp16 CUDA)"
     )
+    ap.add_argument("--vae-checkpointing", default="both", choices=["both", "off", "on"], help="vae rows to run")
     ap.add_argument("--latents", type=int, nargs="+", default=[16])
     ap.add_argument("--rows", type=int, default=4)
     ap.add_argument("--model", default=None, help="steps: diffusers pipeline directory (make_pipeline.py)")
@@ -450,7 +451,8 @@ def main(argv=None) -> dict:
                 if device.type == "cuda" or lv not in ("fp16", "ckpt_fp16")  # fp16 autocast: the CUDA lever
             ]
         elif part == "vae":
-            jobs = [functools.partial(vae_row, res, ck, device, dtype) for res in a.resolutions for ck in (False, True)]
+            cks = {"both": (False, True), "off": (False,), "on": (True,)}[a.vae_checkpointing]
+            jobs = [functools.partial(vae_row, res, ck, device, dtype) for res in a.resolutions for ck in cks]
         elif part == "unet":
             jobs = [functools.partial(unet_row, lat, a.rows, device, dtype) for lat in a.latents]
         else:

@@ -31,6 +31,7 @@ def _scene(**renderer) -> NeRFScene:
     step 0, so every path of the render carries gradient: density, albedo, normals (shading, orientation, convexity)."""
     cfg = small_config()
     cfg.material.ambient_only_steps, cfg.material.diffuse_prob, cfg.material.textureless_prob = 0, 1.0, 0.0
+    cfg.renderer.chunk_rays, cfg.renderer.checkpoint = 0, False  # the plain render (the defaults chunk at 512 px)
     for k, v in renderer.items():
         setattr(cfg.renderer, k, v)
     scene = NeRFScene(cfg)
@@ -115,7 +116,8 @@ def test_checkpointed_render_frees_the_field_activations():
 
 def test_renderer_lever_config_is_checked():
     cfg = small_config()
-    cfg.renderer.checkpoint = True  # without chunks
+    assert cfg.renderer.checkpoint and cfg.renderer.chunk_rays == 16384  # the defaults (conf/scene/nerf.yaml)
+    cfg.renderer.chunk_rays = 0  # checkpointing without chunks
     with pytest.raises(ValueError, match="chunk_rays > 0"):
         NeRFScene(cfg)
     cfg.renderer.checkpoint, cfg.renderer.chunk_rays = False, -1

@@ -65,9 +65,11 @@ class RendererConfig:
     z_variance: str = "threestudio"
     occupancy: OccupancyConfig = field(default_factory=OccupancyConfig)
     # memory levers (see the module doc): rays per chunk (0 = all at once) and activation
-    # checkpointing of each chunk (needs chunk_rays > 0)
-    chunk_rays: int = 0
-    checkpoint: bool = False
+    # checkpointing of each chunk (needs chunk_rays > 0). On by default: results equal the plain
+    # render to fp32 rounding, and at 512 px the plain render's activations alone exceed a 24 GB
+    # GPU (docs/benchmarks.md, "Memory"); conf/scene/nerf_cpu.yaml turns them off (small renders)
+    chunk_rays: int = 16384
+    checkpoint: bool = True
 
     def validate(self, where: str = "renderer") -> None:
         if self.samples_per_ray <= 0:
