@@ -48,16 +48,17 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from distill.memory import SavedBytes, peak_rss_bytes, peak_rss_reset, rss_bytes  # noqa: E402
+from distill.memory import SavedBytes, exact_rss_mode, peak_rss_bytes, peak_rss_reset, rss_bytes  # noqa: E402
 
+PLAIN = {"chunk_rays": 0, "checkpoint": False}  # the reference render (the defaults chunk and checkpoint)
 LEVERS = {
-    "off": {},
-    "fd": {"normal_type": "finite_difference"},
-    "no_normals": {"albedo_no_normal_regs": True},
-    "chunk": {"chunk_rays": 16384},
+    "off": {**PLAIN},
+    "fd": {**PLAIN, "normal_type": "finite_difference"},
+    "no_normals": {**PLAIN, "albedo_no_normal_regs": True},
+    "chunk": {**PLAIN, "chunk_rays": 16384},
     "ckpt": {"chunk_rays": 16384, "checkpoint": True},
-    "bf16": {"field_autocast": "bf16"},
-    "fp16": {"field_autocast": "fp16"},
+    "bf16": {**PLAIN, "field_autocast": "bf16"},
+    "fp16": {**PLAIN, "field_autocast": "fp16"},
     "ckpt_bf16": {"chunk_rays": 16384, "checkpoint": True, "field_autocast": "bf16"},
     "ckpt_fp16": {"chunk_rays": 16384, "checkpoint": True, "field_autocast": "fp16"},
 }
@@ -310,7 +311,7 @@ def unet_row(latent: int, rows: int, device: torch.device, dtype: torch.dtype) -
 
 # ------------------------------------------------------------------------------------------------ whole steps
 LEVER_OVERRIDES = {
-    "off": [],
+    "off": ["scene.renderer.chunk_rays=0", "scene.renderer.checkpoint=false", "prior.vae_checkpointing=false"],
     "on": ["scene.renderer.chunk_rays=16384", "scene.renderer.checkpoint=true", "prior.vae_checkpointing=true"],
 }
 
@@ -409,8 +410,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--overrides", nargs="*", default=[], help="steps: more Hydra overrides for every method")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
+    exact_rss = exact_rss_mode() if a.device == "cpu" else None
     for lv in LEVERS.values():
-        if "chunk_rays" in lv:
+        if lv["chunk_rays"]:
             lv["chunk_rays"] = a.chunk_rays
     device = torch.device(a.device)
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[
@@ -425,6 +427,7 @@ def main(argv=None) -> dict:
         torch=torch.__version__,
         threads=a.threads,
         loadavg_before=os.getloadavg(),
+        exact_rss_mode=exact_rss,
         note=(
             "saved_bytes: tensors autograd keeps for the backward (exact; fp32 = GPU activation memory 1:1). "
             "peak_delta_bytes: CPU peak RSS (an upper bound: allocator slack, freed-but-kept pages) or CUDA "

@@ -6,7 +6,7 @@
 #   here, as a dry run on the CPU (tests/test_gpu_check.py runs this):
 #     bash benchmarks/gpu/check.sh --cpu --tiny [--out DIR]
 #
-# Stages, each under `timeout` from one budget (--budget, default 470 s; --tiny 150 s), so a slow stage cannot eat
+# Stages, each under `timeout` from one budget (--budget, default 470 s; --tiny 200 s), so a slow stage cannot eat
 # the rest:
 #   0. env        install the carried wheels into a private --target (GPU only), versions, GPU name -> env.json
 #   1. sd_step    benchmarks/bench_sd_step.py: SD-2.1-base-shaped random UNet + VAE, 512 px, fp16, Perp-Neg, SDS and
@@ -53,7 +53,7 @@ if [ "$CPU" = 1 ] && [ "$TINY" = 0 ]; then
   echo "check.sh: --cpu runs the tiny sizes only (SD 2.1-base at 512 px takes minutes per step on a CPU): add --tiny" >&2
   exit 2
 fi
-[ -n "$BUDGET" ] || { [ "$TINY" = 1 ] && BUDGET=150 || BUDGET=470; }
+[ -n "$BUDGET" ] || { [ "$TINY" = 1 ] && BUDGET=200 || BUDGET=470; }
 PY="${PYTHON:-python3}"
 mkdir -p "$OUTDIR"
 OUTDIR="$(cd "$OUTDIR" && pwd)"
@@ -153,7 +153,7 @@ main() {
   fi
   # ---- 3b. memory of the SDI step part by part, levers off / on (issue 20; into summary.json, not a 9th file) ----
   if [ "$TINY" = 1 ]; then
-    run_stage memory 40 "$PY" "$ROOT/benchmarks/bench_memory.py" render vae steps --device "$DEVICE" --threads 1 \
+    run_stage memory 60 "$PY" "$ROOT/benchmarks/bench_memory.py" render vae steps --device "$DEVICE" --threads 1 \
       --resolutions 32 --state blob --levers off ckpt --chunk-rays 256 --model "$pipe" --guidance ddim_inversion \
       --resolution 32 --scene nerf_cpu --steps 1 --warmup 0 --out "$WORK/memory.json"
   else

@@ -11,7 +11,8 @@ them and drop them): what remains is what checkpointing keeps. Bytes can be attr
 bytes go to ``"other"``.
 
 ``peak_rss_reset()`` / ``peak_rss_bytes()``: the process's resident-set high-water mark (Linux
-VmHWM; reset through /proc/self/clear_refs), for CPU peaks of one phase.
+VmHWM; reset through /proc/self/clear_refs), for CPU peaks of one phase; call ``exact_rss_mode()``
+once first, so that freed memory leaves the resident set (glibc keeps it otherwise).
 """
 
 from __future__ import annotations
@@ -85,8 +86,32 @@ class SavedBytes:
         self._ctx = None
 
 
+def exact_rss_mode() -> bool:
+    """Make the CPU resident set follow the live tensors (glibc): allocations of 128 KiB and more are mmapped and
+    returned on free (a fixed M_MMAP_THRESHOLD; glibc otherwise raises it up to 32 MiB after large frees and keeps
+    those pages, so a later block reuses them without raising the peak). False where it cannot be set."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(-3, 128 * 1024))  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        return False
+
+
+def release_free_memory() -> None:
+    """Hand freed heap pages back to the OS (glibc malloc_trim), so that the next peak starts from live memory."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def peak_rss_reset() -> bool:
     """Reset the process's peak RSS (VmHWM) to its current RSS; False where the kernel does not allow it."""
+    release_free_memory()
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
