@@ -61,7 +61,7 @@ MAPS = ("rgb", "opacity", "depth", "z_variance", "orientation", "normal", "comp_
 
 @pytest.mark.parametrize("ckpt", [False, True], ids=["chunked", "chunked+checkpoint"])
 def test_chunked_render_equals_plain_render_forward_and_gradients(ckpt):
-    """Chunks of 7 rays (not dividing the ray count, so the last chunk is short), with and without checkpointing,
+    """Chunks of 37 rays (not dividing the ray count, so the last chunk is short), with and without checkpointing,
     against the unchunked render of the same scene.
 
     float64: the two compute the same sums in a different order (the gradient's index_add over points is split
@@ -71,7 +71,7 @@ def test_chunked_render_equals_plain_render_forward_and_gradients(ckpt):
     float32 render is (both are fp32 roundings of the same sums), within 4x or 10 eps32."""
     plain = _scene()
     chunked = copy.deepcopy(plain)
-    chunked.cfg.renderer.chunk_rays, chunked.cfg.renderer.checkpoint = 7, ckpt
+    chunked.cfg.renderer.chunk_rays, chunked.cfg.renderer.checkpoint = 37, ckpt
     assert chunked.renderer.cfg is chunked.cfg.renderer
 
     ref_maps, ref_grads = _render_and_grads(copy.deepcopy(plain).double())
@@ -212,14 +212,14 @@ LEVERS = [
 
 def test_resume_is_bit_identical_with_every_lever_on(compose_cfg, tmp_path, monkeypatch):
     """The default 3D SDI run (NeRF on the analytic 3D prior) with chunks, checkpointing, skipped normals and a bf16
-    field, killed at step 3 and re-launched: the same scene, generator and guidance state as the uninterrupted run."""
-    cfg = compose_cfg([*LEVERS, "trainer.max_steps=6", "trainer.checkpoint_every=2", "trainer.eval_views=1", *FAST])
+    field, killed at step 2 and re-launched: the same scene, generator and guidance state as the uninterrupted run."""
+    cfg = compose_cfg([*LEVERS, "trainer.max_steps=4", "trainer.checkpoint_every=2", "trainer.eval_views=1", *FAST])
     assert cfg.scene.renderer.checkpoint and cfg.scene.renderer.chunk_rays == 96
     train(cfg, tmp_path / "full")
     original = Trainer.train_step
 
     def interrupted(self, logger, bar):
-        if self.step == 3:
+        if self.step == 2:
             raise KeyboardInterrupt
         return original(self, logger, bar)
 
@@ -227,7 +227,7 @@ def test_resume_is_bit_identical_with_every_lever_on(compose_cfg, tmp_path, monk
     with pytest.raises(KeyboardInterrupt):
         train(cfg, tmp_path / "resumed")
     monkeypatch.setattr(Trainer, "train_step", original)
-    assert train(cfg, tmp_path / "resumed")["resumed_from_step"] == 3
+    assert train(cfg, tmp_path / "resumed")["resumed_from_step"] == 2
     a, b = rundir.load_checkpoint(tmp_path / "full"), rundir.load_checkpoint(tmp_path / "resumed")
     assert torch.equal(a["generator"], b["generator"])
     for k in a["scene"]:
