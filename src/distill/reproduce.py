@@ -1,10 +1,13 @@
-"""Paper reproductions on the analytic prior: ``python -m distill.reproduce fig2_1|kappa_study``.
+"""Paper reproductions on the analytic prior: ``python -m distill.reproduce fig2_1|kappa_study|main_job``.
 
 fig2_1       one prompt, >= 4 seeds: DDIM sampling (CFG 7.5), cached kappa, SDS (CFG 7.5 and 100), SDI (official and
              paper jump) under the official 2D notebook protocol and the small-step protocol; PNG + table of
              ground-truth metrics (commitment, contrast, gamut, realism) (paper Fig. 2.1).
 kappa_study  residual of eq. 4.4 (x0 units) of each kappa strategy over t (paper Fig. 6.3 right);
              CSV + plot.
+main_job     the main job (``python train.py``) for seeds 0..N-1: a table of the prior's ground-truth metrics per
+             seed with median and range (main_job_seeds.md / .csv) and all final frames (main_job_seeds.png).
+             Runs resume from outputs/reproduce/main_job/seed_<k>; ``--set key=value`` adds config overrides.
 Outputs go to --out (default docs/); runs to outputs/reproduce/.
 """
 
@@ -12,6 +15,8 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
+import os
 import statistics
 from pathlib import Path
 
@@ -164,16 +169,155 @@ def kappa_study(out: Path, samples: int, prompt: str) -> None:
     print(open(out / "kappa_study.csv").read())
 
 
+# (column, metrics.json key, format) of main_job_seeds.md / .csv
+MAIN_JOB_COLUMNS = (
+    ("nearest object", "nearest_object", "{:.0f}"),
+    ("PSNR dB", "psnr", "{:.1f}"),
+    ("SSIM", "ssim", "{:.3f}"),
+    ("mode commitment", "mode_commitment", "{:.2f}"),
+    ("contrast vs object", "contrast_vs_object", "{:.3f}"),
+    ("nearest share", "blend_share_nearest", "{:.2f}"),
+    ("final / best frame contrast", "contrast_final_over_best", "{:.2f}"),
+    ("seconds", "seconds", "{:.0f}"),
+)
+
+
+def _result_config(cfg) -> dict:
+    """The resolved config without the settings that do not change a run's result (where it lives, logging,
+    threads, device)."""
+    from omegaconf import OmegaConf
+
+    c = OmegaConf.to_container(cfg, resolve=True)
+    c.pop("paths", None)
+    c.pop("logger", None)
+    for k in ("progress", "threads", "device", "resume"):
+        c.get("trainer", {}).pop(k, None)
+    return c
+
+
+def main_job(out: Path, seeds: int, overrides: list[str], runs: Path) -> list[dict]:
+    """The main job for seeds 0..seeds-1 (resumable runs in ``runs``/seed_<k>), then the table and the frames.
+
+    A run directory that holds a run of another configuration is an error (delete it or pass another --runs), so a
+    table never mixes settings.
+    """
+    import imageio.v3 as iio
+    from omegaconf import OmegaConf, open_dict
+
+    from distill import rundir
+    from distill.cli import compose_config as _compose
+    from distill.config import ConfigError
+    from distill.train import train
+
+    rows, frames = [], []
+    for s in range(seeds):
+        run = runs / f"seed_{s}"
+        cfg = _compose([*overrides, f"seed={s}", "trainer.progress=false"])
+        with open_dict(cfg):
+            cfg.paths.run_dir = str(run)
+        if (run / rundir.CONFIG).exists() and _result_config(OmegaConf.load(run / rundir.CONFIG)) != _result_config(
+            cfg
+        ):
+            raise ConfigError(
+                f"{run} holds a run of another configuration than `main_job{''.join(' --set ' + o for o in overrides)}`"
+                f" (seed {s}); delete it or pass another --runs"
+            )
+        sidecar = run / "reproduce_load.json"
+        load = os.getloadavg()[0]
+        previous = rundir.read_metrics(run)
+        finished_before = previous.get("status") in ("finished", "diverged")
+        m = previous if finished_before else train(cfg, run)  # a finished run is read back, not rebuilt
+        if not finished_before or not sidecar.exists():  # trained now: record the load it ran under
+            sidecar.write_text(json.dumps({"load_at_start": load, "load_at_end": os.getloadavg()[0]}))
+        row = {"seed": s, "status": m.get("status"), "load": json.loads(sidecar.read_text())["load_at_start"]}
+        if m.get("status") != "finished":
+            rows.append(row)
+            print(f"seed {s}: {m.get('status')} ({m.get('diverged_reason')})", flush=True)
+            continue
+        row.update({k: m.get(k) for _, k, _ in MAIN_JOB_COLUMNS})
+        rows.append(row)
+        frames.append(iio.imread(run / "final.png"))
+        print(f"seed {s}: " + ", ".join(f"{k} {row[k]}" for _, k, _ in MAIN_JOB_COLUMNS), flush=True)
+    write_main_job(out, rows, frames, overrides, seeds)
+    return rows
+
+
+def write_main_job(out: Path, rows: list[dict], frames: list, overrides: list[str], seeds: int) -> None:
+    """main_job_seeds.csv (one row per seed), .md (the same with median (min..max)) and .png (the final frames, one
+    seed per row, each the run's four orbit views)."""
+    import imageio.v3 as iio
+
+    out.mkdir(parents=True, exist_ok=True)
+    keys = ["seed", "status", *[k for _, k, _ in MAIN_JOB_COLUMNS], "load"]
+    with open(out / "main_job_seeds.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+    if frames:
+        pad = lambda a: np.pad(a[..., :3], ((2, 2), (2, 2), (0, 0)), constant_values=255)  # noqa: E731
+        iio.imwrite(out / "main_job_seeds.png", np.concatenate([pad(f) for f in frames], 0))
+    done = [r for r in rows if r["status"] == "finished"]
+    cmd = "python -m distill.reproduce main_job --seeds " + str(seeds) + "".join(f" --set {o}" for o in overrides)
+    lines = [
+        f"`{cmd}`: the main job (`python train.py`{''.join(' ' + o for o in overrides)}) for seeds 0..{seeds - 1}. "
+        + " ".join(
+            [
+                "Rows of main_job_seeds.png top to bottom (four orbit views each). Ground truth from the exact prior",
+                "(`Analytic3DPrior.evaluate`, trainer.eval_views orbit views at 64x64): PSNR / SSIM against the",
+                "nearest object's mean texture; mode commitment: 1 - best / second-best fit residual (~0: an even",
+                "blend of two objects); contrast vs object: the contrast the render keeps relative to the objects'",
+                "own renders (1: not faded, f: faded by f toward a constant colour; a blend of objects is still 1);",
+                "nearest share: the nearest object's share of that contrast (1: that object alone, 0.5: an even",
+                "blend); final / best frame contrast: luminance range of the final frame over the best progress",
+                "frame (a frame that drops a half hat also lowers it). seconds: metrics.json's run time (training,",
+                "export, metrics); load: the 1-minute load average when the seed started.",
+            ]
+        ),
+        "",
+        "| seed | " + " | ".join(c for c, _, _ in MAIN_JOB_COLUMNS) + " | load |",
+        "|---" * (len(MAIN_JOB_COLUMNS) + 2) + "|",
+    ]
+    for r in rows:
+        if r["status"] != "finished":
+            lines.append(f"| {r['seed']} | {r['status']} |" + " |" * len(MAIN_JOB_COLUMNS))
+            continue
+        cells = [fmt.format(r[k]) if r.get(k) is not None else "-" for _, k, fmt in MAIN_JOB_COLUMNS]
+        lines.append(f"| {r['seed']} | " + " | ".join(cells) + f" | {r['load']:.1f} |")
+    if done:
+        cells = []
+        for _, k, fmt in MAIN_JOB_COLUMNS:
+            v = [r[k] for r in done if r.get(k) is not None]
+            cells.append(
+                f"{fmt.format(statistics.median(v))} ({fmt.format(min(v))}..{fmt.format(max(v))})" if v else "-"
+            )
+        lines.append("| median (min..max) | " + " | ".join(cells) + " | |")
+        commit = statistics.median(r["mode_commitment"] for r in done)
+        within = sum(abs(r["contrast_vs_object"] - 1.0) <= 0.1 for r in done)
+        lines += [
+            "",
+            f"Targets (issue 17): median mode commitment >= 0.5: **{'met' if commit >= 0.5 else 'not met'}** "
+            f"({commit:.2f}); every seed's contrast within 10 % of its object's: "
+            f"**{'met' if within == len(done) else 'not met'}** ({within} of {len(done)} seeds); "
+            f"{len(rows) - len(done)} of {len(rows)} seeds did not finish.",
+        ]
+    (out / "main_job_seeds.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(prog="python -m distill.reproduce", description=__doc__.split("\n\n")[0])
-    p.add_argument("what", choices=["fig2_1", "kappa_study"])
+    p.add_argument("what", choices=["fig2_1", "kappa_study", "main_job"])
     p.add_argument("--out", type=Path, default=ROOT / "docs")
     p.add_argument("--seeds", type=int, default=4)
     p.add_argument("--steps", type=int, default=500)
     p.add_argument("--samples", type=int, default=4)
     p.add_argument("--prompt", default="a red circle")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="main_job: a config override")
+    p.add_argument("--runs", type=Path, default=ROOT / "outputs" / "reproduce" / "main_job", help="main_job's runs")
     a = p.parse_args()
-    if a.what == "fig2_1":
+    if a.what == "main_job":
+        main_job(a.out, a.seeds, a.set, a.runs)
+    elif a.what == "fig2_1":
         fig2_1(a.out, a.seeds, a.steps, a.prompt)
     else:
         kappa_study(a.out, a.samples, a.prompt)

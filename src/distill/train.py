@@ -217,7 +217,14 @@ class Trainer:
     def cameras(self):
         if not self.is_3d:
             return None
-        return sample_cameras(self.spec.camera.at_step(self.step), self.generator, self.device)
+        cfg = self.spec.camera.at_step(self.step)
+        every = int(getattr(getattr(self.guidance, "cfg", None), "every", 1) or 1)
+        if every > 1:
+            # a held target (guidance.every) is an image of one view: keep that camera while the target is held.
+            # Drawn from (seed, step // every) alone, so a run resumed in the middle of a hold finds the same view.
+            g = torch.Generator().manual_seed(self.spec.seed * 1_000_003 + self.step // every)
+            return sample_cameras(cfg, g, self.device)
+        return sample_cameras(cfg, self.generator, self.device)
 
     def preview_cameras(self, n: int = 4):
         c = self.spec.camera

@@ -32,7 +32,8 @@ orbit cameras, fit the texture coefficients of every object of the prompt jointl
 with the smallest residual, and report PSNR/SSIM against its mean render, texture realism (the
 whitened energy sum(a_f^2 / S_f) of the fitted coefficients per frequency band over its expected
 value for a true sample: 1 for a sample of the prior, 0 for the over-smoothed mean) and mode commitment
-(1 - best residual / second best residual: ~1 for one object, ~0 for an even blend of two).
+(1 - best residual / second best residual: ~1 for one object, ~0 for an even blend of two), and the
+render's contrast relative to the objects' own mean renders (``contrast_vs_object``: 1 = not faded).
 """
 
 from __future__ import annotations
@@ -515,6 +516,43 @@ class Analytic3DPrior(DiffusionPrior):
         return {"coeffs": a, "post_var": post_var, "mse": mse, "mean": geo.mean}
 
     @torch.no_grad()
+    def blend_weights(self, images: Tensor, cameras: Cameras, objects: Sequence[int], nearest: int) -> Tensor:
+        """Weights c_k (K,) of the objects' mean renders in the views ``images`` (B, 3, H, W in [0, 1]).
+
+        Generalised least squares under the texture model of object ``nearest`` (an index into ``objects``):
+
+            x - bg = sum_k c_k (m_k - bg) + k0 + R a + n,     a ~ N(0, S),  n ~ N(0, s^2 I),
+
+        with m_k the mean renders (pixel space) at the same views, bg the background, k0 a free constant colour and
+        R a the nearest object's texture. Integrating out a leaves x - bg ~ N(sum_k c_k (m_k - bg) + k0, Sigma),
+        Sigma = R S R^T + s^2 I, so c is the GLS solution with the metric Sigma^-1 (Woodbury per rotated colour
+        channel: Sigma_c^-1 = (I - Phi (s^2 S_c^-1 + Phi^T Phi)^-1 Phi^T) / s^2).
+
+        The 3D analogue of the 2D prior's blend weights: sum(c) is the contrast kept relative to the objects' own
+        (1 for an object's own render or any blend w m_1 + (1 - w) m_2; f for a copy faded by f toward any constant
+        colour, grey or the background), c[nearest] / sum(c) is the share of the nearest object. A true sample's
+        texture is what Sigma models, so it leaves the weights at one-hot on average.
+        """
+        objects = tuple(int(k) for k in objects)
+        geo = self.geometry(cameras, objects)
+        B, P, K = len(cameras), cameras.height * cameras.width, len(objects)
+        x = self._rotate(self.encode(images.to(self.device, torch.float64)).reshape(B, 3, P))
+        bg = self._rotate((2.0 * self.background - 1.0)[:, None])  # (3, 1)
+        ones = torch.eye(3, dtype=torch.float64, device=self.device)[None, :, :, None].expand(B, 3, 3, P)
+        X = torch.cat([geo.mean - bg, ones], 1)  # (B, K + 3, 3, P): m_k - bg, then a constant in each channel
+        y = x - bg
+        phi = geo.phi[:, nearest]  # (B, P, F)
+        # whitened inner products, channel by channel: <u, v> = (u.v - (Phi^T u)^T M_c^-1 (Phi^T v)) / s^2
+        M = self.s2 / self.S[:, :, None] * torch.eye(self.S.shape[1], dtype=torch.float64, device=self.device)
+        L = torch.linalg.cholesky(M + geo.gram[:, nearest].sum(0)[None])  # (3, F, F)
+        zX = torch.einsum("bicp,bpf->icf", X, phi)  # (K + 3, 3, F)
+        zy = torch.einsum("bcp,bpf->cf", y, phi)  # (3, F)
+        solX = torch.cholesky_solve(zX.permute(1, 2, 0), L)  # (3, F, K + 3)
+        A = torch.einsum("bicp,bjcp->ij", X, X) - torch.einsum("icf,cfj->ij", zX, solX)
+        b = torch.einsum("bicp,bcp->i", X, y) - torch.einsum("cf,cfj->j", zy, solX)
+        return torch.linalg.solve(A, b)[:K]
+
+    @torch.no_grad()
     def evaluate(
         self,
         scene: Any,
@@ -530,7 +568,13 @@ class Analytic3DPrior(DiffusionPrior):
         best fit (nearest object, fitted texture); texture_realism[_low/_mid/_high]: energy of
         the fitted texture coefficients over its expectation for a true sample (1 = sample,
         0 = mean texture); mode_commitment: 1 - best/second-best fit residual; nearest_object:
-        index within the prompt; residual_rmse: best-fit residual (pixel units).
+        index within the prompt; residual_rmse: best-fit residual (pixel units); contrast_vs_object:
+        the render's luminance contrast relative to the nearest object's own mean render from the same
+        views: the sum of the GLS weights of the objects' mean renders (:meth:`blend_weights`; 1 = as
+        contrasted as the object, f = faded by f toward a constant colour); blend_share_nearest: the
+        nearest object's share of those weights (1 = that object alone, 0.5 = an even blend of two).
+        Fading and choosing are separate: a faded render has contrast_vs_object < 1 whatever it
+        commits to; a blend of two objects has low mode_commitment and contrast_vs_object 1.
 
         Texture realism per band is sum(a_f^2 / S_f) / sum(1 - Var[a_f | views] / S_f) over the
         band's coefficients a_f (posterior-mean fit): for a true sample both sums have the same
@@ -561,6 +605,10 @@ class Analytic3DPrior(DiffusionPrior):
             "mode_commitment": commit,
             "residual_rmse": float(mse[best].sqrt()),
         }
+        # fading vs choosing: how much of the objects' own contrast the render keeps, and the nearest one's share
+        w = self.blend_weights(img, cams, objs, best)
+        out["contrast_vs_object"] = float(w.sum())
+        out["blend_share_nearest"] = float(w[best] / w.sum()) if float(w.sum()) != 0 else 0.0
         # whitened energy a^2 / S over its expectation for a true sample, 1 - post_var / S per
         # coefficient (law of total variance), so coefficients the views do not determine count little
         a2 = fit["coeffs"][best] ** 2 / self.S  # (3, F)

@@ -1,0 +1,54 @@
+"""`python -m distill.reproduce main_job`: the main job over seeds, its table and its picture (tiny budget)."""
+
+import csv
+
+import imageio.v3 as iio
+import pytest
+
+from distill.config import ConfigError
+from distill.reproduce import MAIN_JOB_COLUMNS, main_job
+
+# the main job's config at a tiny budget: 2 steps at 16x16 with a progress frame each step, small texture basis
+TINY = [
+    "trainer.max_steps=2",
+    "trainer.image_every=1",
+    "trainer.checkpoint_every=0",
+    "trainer.export=false",
+    "trainer.eval_views=2",
+    "trainer.threads=1",
+    "logger=none",
+    "camera.height=16",
+    "camera.width=16",
+    "prior.n_basis=12",
+    "prior.supersample=1",
+    "prior.trace_steps=24",
+    "prior.objects_per_prompt=2",
+]
+
+
+def test_main_job_table_and_picture(tmp_path):
+    out, runs = tmp_path / "docs", tmp_path / "runs"
+    rows = main_job(out, 2, TINY, runs)
+    assert [r["seed"] for r in rows] == [0, 1] and all(r["status"] == "finished" for r in rows)
+    with open(out / "main_job_seeds.csv") as f:
+        table = list(csv.DictReader(f))
+    assert [t["seed"] for t in table] == ["0", "1"]
+    for t, r in zip(table, rows):
+        for _, key, _ in MAIN_JOB_COLUMNS:  # every column is the run's own metrics.json value
+            assert float(t[key]) == pytest.approx(r[key])
+            assert key in (runs / f"seed_{t['seed']}" / "metrics.json").read_text()
+    md = (out / "main_job_seeds.md").read_text()
+    assert "python -m distill.reproduce main_job --seeds 2" in md and "| median (min..max) |" in md
+    assert md.count("\n| 0 |") == 1 and md.count("\n| 1 |") == 1
+    # one row of four 16x16 orbit views per seed, each padded by 2 pixels
+    grid = iio.imread(out / "main_job_seeds.png")
+    assert grid.shape == (2 * (16 + 4), 4 * 16 + 4, 3)
+    frame = iio.imread(runs / "seed_1" / "final.png")
+    assert (grid[20 + 2 : 20 + 2 + 16, 2 : 2 + 64] == frame[..., :3]).all()
+    # a second call resumes: the finished runs are read back, not retrained
+    stamp = (runs / "seed_0" / "final.png").stat().st_mtime_ns
+    assert main_job(out, 2, TINY, runs) == rows
+    assert (runs / "seed_0" / "final.png").stat().st_mtime_ns == stamp
+    # a run directory of another configuration is not mixed into the table
+    with pytest.raises(ConfigError, match="another configuration"):
+        main_job(out, 1, [*TINY, "trainer.max_steps=4"], runs)
