@@ -43,3 +43,28 @@ def test_image_contrast_drops_when_an_image_fades():
     faded = (0.5 * img + 0.25 * 255).astype(np.uint8)  # half-way to grey
     assert image_contrast(faded) < 0.55 * image_contrast(img)
     assert image_contrast(np.full((4, 4, 3), 128, np.uint8)) == 0.0
+
+
+def test_a_held_target_keeps_its_camera_in_3d(compose_cfg, tmp_path):
+    """guidance.every=N holds the target x0_hat, an image of one view, for N steps: the 3D trainer keeps that view
+    for the hold (and picks it from (seed, step // N) alone, so a run resumed mid-hold finds it again)."""
+    from distill.train import Trainer
+
+    small = ["camera.height=8", "camera.width=8", "prior.n_basis=8", "prior.objects_per_prompt=1", "logger=none"]
+
+    def views(every, seed=0):
+        cfg = compose_cfg([*small, f"+guidance.every={every}", f"seed={seed}"])
+        tr = Trainer(cfg, tmp_path / f"e{every}_s{seed}")
+        out = []
+        for step in range(6):
+            tr.step = step
+            out.append(tr.cameras().c2w)
+        return out
+
+    held = views(3)
+    assert torch.equal(held[0], held[1]) and torch.equal(held[0], held[2])  # one view per hold
+    assert torch.equal(held[3], held[4]) and torch.equal(held[3], held[5])
+    assert [torch.equal(a, b) for a, b in zip(held, views(3))] == [True] * 6  # from (seed, step // every) alone
+    assert not all(torch.equal(a, b) for a, b in zip(held, views(3, seed=1)))
+    free = views(1)
+    assert not all(torch.equal(free[0], c) for c in free[1:])  # every=1: a new draw from the pool each step
