@@ -49,6 +49,10 @@ def test_main_job_table_and_picture(tmp_path):
     stamp = (runs / "seed_0" / "final.png").stat().st_mtime_ns
     assert main_job(out, 2, TINY, runs) == rows
     assert (runs / "seed_0" / "final.png").stat().st_mtime_ns == stamp
+    # --table-only: the finished seeds' table, the others listed as not run
+    rows3 = main_job(out, 3, TINY, runs, train_missing=False)
+    assert rows3[:2] == rows and rows3[2]["status"] == "not run" and not (runs / "seed_2").exists()
+    assert "\n| 2 | not run |" in (out / "main_job_seeds.md").read_text()
     # a run directory of another configuration is not mixed into the table
     with pytest.raises(ConfigError, match="another configuration"):
         main_job(out, 1, [*TINY, "trainer.max_steps=4"], runs)

@@ -195,11 +195,12 @@ def _result_config(cfg) -> dict:
     return c
 
 
-def main_job(out: Path, seeds: int, overrides: list[str], runs: Path) -> list[dict]:
+def main_job(out: Path, seeds: int, overrides: list[str], runs: Path, train_missing: bool = True) -> list[dict]:
     """The main job for seeds 0..seeds-1 (resumable runs in ``runs``/seed_<k>), then the table and the frames.
 
     A run directory that holds a run of another configuration is an error (delete it or pass another --runs), so a
-    table never mixes settings.
+    table never mixes settings. ``train_missing=False`` (``--table-only``) writes the table of the finished seeds
+    and lists the others as not run.
     """
     import imageio.v3 as iio
     from omegaconf import OmegaConf, open_dict
@@ -226,6 +227,9 @@ def main_job(out: Path, seeds: int, overrides: list[str], runs: Path) -> list[di
         load = os.getloadavg()[0]
         previous = rundir.read_metrics(run)
         finished_before = previous.get("status") in ("finished", "diverged")
+        if not finished_before and not train_missing:
+            rows.append({"seed": s, "status": "not run", "load": None})
+            continue
         m = previous if finished_before else train(cfg, run)  # a finished run is read back, not rebuilt
         if not finished_before or not sidecar.exists():  # trained now: record the load it ran under
             sidecar.write_text(json.dumps({"load_at_start": load, "load_at_end": os.getloadavg()[0]}))
@@ -298,7 +302,13 @@ def write_main_job(out: Path, rows: list[dict], frames: list, overrides: list[st
             f"Targets (issue 17): median mode commitment >= 0.5: **{'met' if commit >= 0.5 else 'not met'}** "
             f"({commit:.2f}); every seed's contrast within 10 % of its object's: "
             f"**{'met' if within == len(done) else 'not met'}** ({within} of {len(done)} seeds); "
-            f"{len(rows) - len(done)} of {len(rows)} seeds did not finish.",
+            f"{len(done)} of {len(rows)} seeds finished"
+            + "".join(
+                f", {n} {st}"
+                for st in sorted({r["status"] for r in rows} - {"finished"})
+                for n in [sum(r["status"] == st for r in rows)]
+            )
+            + ".",
         ]
     (out / "main_job_seeds.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
@@ -314,9 +324,10 @@ def main() -> None:
     p.add_argument("--prompt", default="a red circle")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="main_job: a config override")
     p.add_argument("--runs", type=Path, default=ROOT / "outputs" / "reproduce" / "main_job", help="main_job's runs")
+    p.add_argument("--table-only", action="store_true", help="main_job: tabulate the finished seeds, train none")
     a = p.parse_args()
     if a.what == "main_job":
-        main_job(a.out, a.seeds, a.set, a.runs)
+        main_job(a.out, a.seeds, a.set, a.runs, train_missing=not a.table_only)
     elif a.what == "fig2_1":
         fig2_1(a.out, a.seeds, a.steps, a.prompt)
     else:
