@@ -49,10 +49,18 @@ def test_main_job_table_and_picture(tmp_path):
     stamp = (runs / "seed_0" / "final.png").stat().st_mtime_ns
     assert main_job(out, 2, TINY, runs) == rows
     assert (runs / "seed_0" / "final.png").stat().st_mtime_ns == stamp
-    # --table-only: the finished seeds' table, the others listed as not run
+    # --table-only: the finished seeds' table, the others listed as not finished
     rows3 = main_job(out, 3, TINY, runs, train_missing=False)
-    assert rows3[:2] == rows and rows3[2]["status"] == "not run" and not (runs / "seed_2").exists()
-    assert "\n| 2 | not run |" in (out / "main_job_seeds.md").read_text()
+    assert rows3[:2] == rows and rows3[2]["status"] == "not finished" and not (runs / "seed_2").exists()
+    assert "\n| 2 | not finished |" in (out / "main_job_seeds.md").read_text()
     # a run directory of another configuration is not mixed into the table
     with pytest.raises(ConfigError, match="another configuration"):
         main_job(out, 1, [*TINY, "trainer.max_steps=4"], runs)
+
+
+def test_a_run_made_before_the_config_gained_a_key_still_resumes():
+    from distill.reproduce import _same_run
+
+    assert _same_run({"a": {"b": 1}}, {"a": {"b": 1, "new": 0}})  # a key added to the config later
+    assert not _same_run({"a": {"b": 1}}, {"a": {"b": 2}})  # a changed value
+    assert not _same_run({"a": {"b": 1, "old": 0}}, {"a": {"b": 1}})  # a key the config no longer has

@@ -195,12 +195,26 @@ def _result_config(cfg) -> dict:
     return c
 
 
+def _same_run(saved: dict, now: dict) -> bool:
+    """Every value of the saved run's config equals the current one; keys the config gained since the run was made
+    (new options, whose defaults keep the old behaviour) are not held against it."""
+    for k, v in saved.items():
+        if k not in now:
+            return False
+        if isinstance(v, dict) and isinstance(now[k], dict):
+            if not _same_run(v, now[k]):
+                return False
+        elif v != now[k]:
+            return False
+    return True
+
+
 def main_job(out: Path, seeds: int, overrides: list[str], runs: Path, train_missing: bool = True) -> list[dict]:
     """The main job for seeds 0..seeds-1 (resumable runs in ``runs``/seed_<k>), then the table and the frames.
 
     A run directory that holds a run of another configuration is an error (delete it or pass another --runs), so a
     table never mixes settings. ``train_missing=False`` (``--table-only``) writes the table of the finished seeds
-    and lists the others as not run.
+    and lists the others as not finished.
     """
     import imageio.v3 as iio
     from omegaconf import OmegaConf, open_dict
@@ -216,9 +230,8 @@ def main_job(out: Path, seeds: int, overrides: list[str], runs: Path, train_miss
         cfg = _compose([*overrides, f"seed={s}", "trainer.progress=false"])
         with open_dict(cfg):
             cfg.paths.run_dir = str(run)
-        if (run / rundir.CONFIG).exists() and _result_config(OmegaConf.load(run / rundir.CONFIG)) != _result_config(
-            cfg
-        ):
+        saved = run / rundir.CONFIG
+        if saved.exists() and not _same_run(_result_config(OmegaConf.load(saved)), _result_config(cfg)):
             raise ConfigError(
                 f"{run} holds a run of another configuration than `main_job{''.join(' --set ' + o for o in overrides)}`"
                 f" (seed {s}); delete it or pass another --runs"
@@ -228,7 +241,7 @@ def main_job(out: Path, seeds: int, overrides: list[str], runs: Path, train_miss
         previous = rundir.read_metrics(run)
         finished_before = previous.get("status") in ("finished", "diverged")
         if not finished_before and not train_missing:
-            rows.append({"seed": s, "status": "not run", "load": None})
+            rows.append({"seed": s, "status": "not finished", "load": None})
             continue
         m = previous if finished_before else train(cfg, run)  # a finished run is read back, not rebuilt
         if not finished_before or not sidecar.exists():  # trained now: record the load it ran under
