@@ -79,9 +79,20 @@ _METHOD_ALIASES = {
     "hifa": "hifa",
     "csd": "csd",
     "nfsd": "nfsd",
+    "ism": "ism",
+    "luciddreamer": "ism",
 }
-# CSD and NFSD are not in the paper's table (related work only): their rows have no paper row beside them
-_METHOD_LABELS = {"sds": "SDS", "sdi": "SDI", "vsd": "VSD", "esd": "ESD", "hifa": "HiFA", "csd": "CSD", "nfsd": "NFSD"}
+# CSD, NFSD and ISM are not in the paper's table (related work only): their rows have no paper row beside them
+_METHOD_LABELS = {
+    "sds": "SDS",
+    "sdi": "SDI",
+    "vsd": "VSD",
+    "esd": "ESD",
+    "hifa": "HiFA",
+    "csd": "CSD",
+    "nfsd": "NFSD",
+    "ism": "ISM",
+}
 
 
 def paper_key(method: str) -> str | None:
