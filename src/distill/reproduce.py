@@ -327,6 +327,9 @@ def write_main_job(out: Path, rows: list[dict], frames: list, overrides: list[st
         ]
     (out / "main_job_seeds.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+_NEG = ["experiment=sdi_2d", "guidance=ism", "prompt_processor.negative_prompt=negative"]
 # ism_study: (label, overrides) per prior; every row shares the seeds, the prompt, the scene and the optimiser, and
 # uses its own method's schedule (SDS uniform, SDI anneal, ISM warm-up) and the prior's CFG scale (2D 7.5, 3D 3)
 ISM_STUDY = {
@@ -337,6 +340,26 @@ ISM_STUDY = {
         "ISM (uncond = negative class)": [
             "experiment=sdi_2d",
             "guidance=ism",
+            "prompt_processor.negative_prompt=negative",
+        ],
+        # the quirk switches, each against its base row above (target_prompt only matters with a negative prompt)
+        "ISM (uncond = negative class), target_prompt=negative": [*_NEG, "guidance.target_prompt=negative"],
+        "ISM (uncond = negative class), CFG 3": [*_NEG, "cfg.fwd=3"],
+        "ISM (uncond = negative class), CFG 3, target_prompt=negative": [
+            *_NEG,
+            "cfg.fwd=3",
+            "guidance.target_prompt=negative",
+        ],
+        "ISM (uncond ''), weighting=one_minus_ab": [
+            "experiment=sdi_2d",
+            "guidance=ism",
+            "guidance.weighting=one_minus_ab",
+        ],
+        "ISM (uncond ''), offset_noise=0": ["experiment=sdi_2d", "guidance=ism", "guidance.offset_noise=0"],
+        # LucidDreamer's CFG convention with SDS: is the blow-up the interval's or the negative class's?
+        "SDS (uncond = negative class)": [
+            "experiment=sdi_2d",
+            "guidance=sds",
             "prompt_processor.negative_prompt=negative",
         ],
     },
