@@ -329,12 +329,15 @@ def write_main_job(out: Path, rows: list[dict], frames: list, overrides: list[st
     print("\n".join(lines))
 
 
+# SDS with the SDI code's x0 loss (the SDI code with inversion off, as the 2D experiments): the loss SDS had when
+# docs/ism_study_* were measured; guidance=sds alone is threestudio's (1 - ab) loss now
+_SDS_X0 = ["guidance=sds", "guidance.loss=x0", "guidance.loss_reduction=mean"]
 _NEG = ["experiment=sdi_2d", "guidance=ism", "prompt_processor.negative_prompt=negative"]
 # ism_study: (label, overrides) per prior; every row shares the seeds, the prompt, the scene and the optimiser, and
 # uses its own method's schedule (SDS uniform, SDI anneal, ISM warm-up) and the prior's CFG scale (2D 7.5, 3D 3)
 ISM_STUDY = {
     "2d": {
-        "SDS": ["experiment=sdi_2d", "guidance=sds"],
+        "SDS": ["experiment=sdi_2d", *_SDS_X0],
         "SDI": ["experiment=sdi_2d", "guidance=ddim_inversion"],
         "ISM (uncond '')": ["experiment=sdi_2d", "guidance=ism"],
         "ISM (uncond = negative class)": [
@@ -359,12 +362,12 @@ ISM_STUDY = {
         # LucidDreamer's CFG convention with SDS: is the blow-up the interval's or the negative class's?
         "SDS (uncond = negative class)": [
             "experiment=sdi_2d",
-            "guidance=sds",
+            *_SDS_X0,
             "prompt_processor.negative_prompt=negative",
         ],
     },
     "3d": {
-        "SDS": ["prior=analytic3d", "guidance=sds"],
+        "SDS": ["prior=analytic3d", *_SDS_X0],
         "SDI": ["prior=analytic3d", "guidance=ddim_inversion"],
         "ISM (uncond '')": ["prior=analytic3d", "guidance=ism"],
         "ISM (uncond = negative class)": [
