@@ -63,3 +63,28 @@ def smoke_sweep(tmp_path_factory):
         return done[key]
 
     return run
+
+
+@pytest.fixture
+def interrupt_at():
+    """``interrupt_at(cfg, run_dir, step)``: train ``cfg`` in ``run_dir`` and stop it with a KeyboardInterrupt (as a
+    preemption does) when it reaches ``step``; the trainer checkpoints that step on the way out. The one place the
+    resume tests (every guidance, VSD/ESD, ISM, Gaussians, memory levers, checkpoints) interrupt a run."""
+    from distill.train import Trainer, train
+
+    def run(cfg, run_dir, step: int) -> None:
+        original = Trainer.train_step
+
+        def interrupted(self, logger, bar):
+            if self.step == step:
+                raise KeyboardInterrupt
+            return original(self, logger, bar)
+
+        Trainer.train_step = interrupted
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                train(cfg, run_dir)
+        finally:
+            Trainer.train_step = original
+
+    return run

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from distill import rundir
-from distill.train import Trainer, train
+from distill.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["logger=none", "trainer.progress=false", "trainer.image_every=0", "trainer.export=false"]
@@ -43,22 +43,10 @@ def _state(step: int) -> dict:
     }
 
 
-def _interrupted_run(compose_cfg, run: Path, stop_at: int, max_steps: int = 6):
+def _interrupted_run(compose_cfg, interrupt_at, run: Path, stop_at: int, max_steps: int = 6):
     """A run killed at step ``stop_at`` (Ctrl-C / preemption): last.pt at stop_at, prev.pt at the periodic one."""
     cfg = compose_cfg([*BASE, f"trainer.max_steps={max_steps}"])
-    original = Trainer.train_step
-
-    def interrupted(self, logger, bar):
-        if self.step == stop_at:
-            raise KeyboardInterrupt
-        return original(self, logger, bar)
-
-    Trainer.train_step = interrupted
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            train(cfg, run)
-    finally:
-        Trainer.train_step = original
+    interrupt_at(cfg, run, stop_at)
     return cfg
 
 
@@ -147,13 +135,15 @@ def test_a_checkpoint_that_would_run_code_is_refused_and_the_code_does_not_run(t
     assert not marker.exists()
 
 
-def test_an_unreadable_last_checkpoint_falls_back_to_prev_and_resumes_bit_identically(compose_cfg, tmp_path, caplog):
+def test_an_unreadable_last_checkpoint_falls_back_to_prev_and_resumes_bit_identically(
+    compose_cfg, interrupt_at, tmp_path, caplog
+):
     """Killed at step 5 (last.pt at 5, prev.pt at 4), then last.pt cut to 1 kB: the re-launch says so, resumes from
     step 4 and ends equal to the uninterrupted run bit for bit."""
     cfg = compose_cfg([*BASE, "trainer.max_steps=6"])
     train(cfg, tmp_path / "full")
     run = tmp_path / "cut"
-    _interrupted_run(compose_cfg, run, stop_at=5)
+    _interrupted_run(compose_cfg, interrupt_at, run, stop_at=5)
     assert rundir.read_checkpoint(run / rundir.PREVIOUS_CHECKPOINT)["step"] == 4
     _truncate(run / rundir.CHECKPOINT)
     with caplog.at_level("WARNING", logger="distill.rundir"):
@@ -166,9 +156,9 @@ def test_an_unreadable_last_checkpoint_falls_back_to_prev_and_resumes_bit_identi
     assert rundir.read_checkpoint(run / rundir.PREVIOUS_CHECKPOINT)["step"] == 4  # kept: the cut file was not rotated
 
 
-def test_no_usable_checkpoint_stops_before_touching_the_run_directory(compose_cfg, tmp_path):
+def test_no_usable_checkpoint_stops_before_touching_the_run_directory(compose_cfg, interrupt_at, tmp_path):
     run = tmp_path / "run"
-    cfg = _interrupted_run(compose_cfg, run, stop_at=1)  # only the exit checkpoint: no prev.pt
+    cfg = _interrupted_run(compose_cfg, interrupt_at, run, stop_at=1)  # only the exit checkpoint: no prev.pt
     assert not (run / rundir.PREVIOUS_CHECKPOINT).exists()
     _truncate(run / rundir.CHECKPOINT, size=100)
     before = _snapshot(run)
@@ -180,15 +170,15 @@ def test_no_usable_checkpoint_stops_before_touching_the_run_directory(compose_cf
     assert m["status"] == "finished" and rundir.read_checkpoint(run / rundir.CHECKPOINT)["step"] == 3
 
 
-def test_starting_over_does_not_keep_the_old_attempts_checkpoint_as_fallback(compose_cfg, tmp_path):
-    _interrupted_run(compose_cfg, tmp_path, stop_at=5)
+def test_starting_over_does_not_keep_the_old_attempts_checkpoint_as_fallback(compose_cfg, interrupt_at, tmp_path):
+    _interrupted_run(compose_cfg, interrupt_at, tmp_path, stop_at=5)
     assert (tmp_path / rundir.PREVIOUS_CHECKPOINT).exists()
     train(compose_cfg([*BASE, "trainer.max_steps=1", "trainer.resume=false"]), tmp_path)
     assert not (tmp_path / rundir.PREVIOUS_CHECKPOINT).exists()
 
 
-def test_cli_reports_an_unusable_checkpoint_in_one_message_exit_2(compose_cfg, tmp_path):
-    _interrupted_run(compose_cfg, tmp_path, stop_at=1)
+def test_cli_reports_an_unusable_checkpoint_in_one_message_exit_2(compose_cfg, interrupt_at, tmp_path):
+    _interrupted_run(compose_cfg, interrupt_at, tmp_path, stop_at=1)
     _truncate(tmp_path / rundir.CHECKPOINT)
     r = subprocess.run(
         [sys.executable, str(ROOT / "train.py"), *BASE, "trainer.max_steps=6", f"hydra.run.dir={tmp_path}"],
@@ -201,8 +191,8 @@ def test_cli_reports_an_unusable_checkpoint_in_one_message_exit_2(compose_cfg, t
     assert "Traceback" not in r.stderr
 
 
-def test_a_checkpoint_of_another_config_is_a_clear_error_not_a_traceback(compose_cfg, tmp_path):
-    _interrupted_run(compose_cfg, tmp_path, stop_at=1)
+def test_a_checkpoint_of_another_config_is_a_clear_error_not_a_traceback(compose_cfg, interrupt_at, tmp_path):
+    _interrupted_run(compose_cfg, interrupt_at, tmp_path, stop_at=1)
     before = rundir.read_metrics(tmp_path)
     with pytest.raises(rundir.CheckpointError, match="does not fit this run's config") as e:
         train(compose_cfg([*BASE, "trainer.max_steps=3", "scene.height=16", "scene.width=16"]), tmp_path)

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from distill import rundir
-from distill.train import Trainer, train
+from distill.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
 GUIDANCES = sorted(p.stem for p in (ROOT / "conf" / "guidance").glob("*.yaml"))
@@ -43,7 +43,7 @@ def test_every_guidance_runs_on_gaussians(compose_cfg, tmp_path, guidance):
     assert m["status"] == "finished" and m["steps"] == 2 and "psnr" in m
 
 
-def test_resume_is_bit_identical_across_densification(compose_cfg, tmp_path, monkeypatch):
+def test_resume_is_bit_identical_across_densification(compose_cfg, tmp_path, interrupt_at):
     """Checkpoint at step 4 (after densifications at steps 2 and 4 grew the scene), killed at step 5, re-launched:
     the same tensors, optimiser state and RNG as the uninterrupted run, with a different number of Gaussians in
     the checkpoint than at the start."""
@@ -51,17 +51,7 @@ def test_resume_is_bit_identical_across_densification(compose_cfg, tmp_path, mon
         [*TINY, *FAST, *DENSIFY, "scene.densify.max_num=1000", "trainer.max_steps=8", "trainer.checkpoint_every=4"]
     )
     train(cfg, tmp_path / "full")
-    original = Trainer.train_step
-
-    def interrupted(self, logger, bar):
-        if self.step == 5:
-            raise KeyboardInterrupt
-        return original(self, logger, bar)
-
-    monkeypatch.setattr(Trainer, "train_step", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        train(cfg, tmp_path / "resumed")
-    monkeypatch.setattr(Trainer, "train_step", original)
+    interrupt_at(cfg, tmp_path / "resumed", 5)
     mid = rundir.load_checkpoint(tmp_path / "resumed")
     assert mid["scene"]["means"].shape[0] > 300  # the checkpoint holds a densified scene
     m = train(cfg, tmp_path / "resumed")

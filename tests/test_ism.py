@@ -18,7 +18,7 @@ from distill.priors.analytic import AnalyticPrior, AnalyticPriorConfig
 from distill.priors.base import NFSD_NEGATIVE_PROMPT
 from distill.prompts import Conditioning, PromptConfig, PromptProcessor
 from distill.schedule import TimeSchedule, TimeScheduleConfig
-from distill.train import Trainer, train
+from distill.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
@@ -341,23 +341,13 @@ def _final(path):
     ],
     ids=["2d", "3d"],
 )
-def test_end_to_end_and_resume_bit_identical(compose_cfg, tmp_path, monkeypatch, preset):
+def test_end_to_end_and_resume_bit_identical(compose_cfg, tmp_path, interrupt_at, preset):
     cfg = compose_cfg(
         [*preset, "guidance=ism", "trainer.max_steps=6", "trainer.checkpoint_every=2", "trainer.log_every=1", *FAST]
     )
     m = train(cfg, tmp_path / "full")
     assert m["status"] == "finished" and m["method"] == "ism"
-    original = Trainer.train_step
-
-    def interrupted(self, logger, bar):
-        if self.step == 3:
-            raise KeyboardInterrupt
-        return original(self, logger, bar)
-
-    monkeypatch.setattr(Trainer, "train_step", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        train(cfg, tmp_path / "resumed")
-    monkeypatch.setattr(Trainer, "train_step", original)
+    interrupt_at(cfg, tmp_path / "resumed", 3)
     m2 = train(cfg, tmp_path / "resumed")
     assert m2["resumed_from_step"] == 3 and m2["steps"] == 6
     a, ga = _final(tmp_path / "full")

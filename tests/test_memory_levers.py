@@ -15,7 +15,7 @@ from test_train import FAST, _equal_state
 from distill import rundir
 from distill.scene.cameras import orbit_cameras
 from distill.scene.nerf import NeRFScene
-from distill.train import Trainer, train
+from distill.train import train
 
 EPS32 = torch.finfo(torch.float32).eps  # 1.19e-7
 EPS64 = torch.finfo(torch.float64).eps  # 2.2e-16
@@ -210,23 +210,13 @@ LEVERS = [
 ]
 
 
-def test_resume_is_bit_identical_with_every_lever_on(compose_cfg, tmp_path, monkeypatch):
+def test_resume_is_bit_identical_with_every_lever_on(compose_cfg, tmp_path, interrupt_at):
     """The default 3D SDI run (NeRF on the analytic 3D prior) with chunks, checkpointing, skipped normals and a bf16
     field, killed at step 2 and re-launched: the same scene, generator and guidance state as the uninterrupted run."""
     cfg = compose_cfg([*LEVERS, "trainer.max_steps=4", "trainer.checkpoint_every=2", "trainer.eval_views=1", *FAST])
     assert cfg.scene.renderer.checkpoint and cfg.scene.renderer.chunk_rays == 96
     train(cfg, tmp_path / "full")
-    original = Trainer.train_step
-
-    def interrupted(self, logger, bar):
-        if self.step == 2:
-            raise KeyboardInterrupt
-        return original(self, logger, bar)
-
-    monkeypatch.setattr(Trainer, "train_step", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        train(cfg, tmp_path / "resumed")
-    monkeypatch.setattr(Trainer, "train_step", original)
+    interrupt_at(cfg, tmp_path / "resumed", 2)
     assert train(cfg, tmp_path / "resumed")["resumed_from_step"] == 2
     a, b = rundir.load_checkpoint(tmp_path / "full"), rundir.load_checkpoint(tmp_path / "resumed")
     assert torch.equal(a["generator"], b["generator"])

@@ -10,7 +10,7 @@ import torch
 
 from distill import rundir
 from distill.config import ConfigError
-from distill.train import Trainer, check_run_config, train
+from distill.train import check_run_config, train
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["logger=none", "trainer.progress=false", "trainer.image_every=0", "trainer.export=false"]
@@ -73,7 +73,7 @@ def _equal_state(a, b) -> bool:
 
 
 @pytest.mark.parametrize("guidance, stop_at", RESUME_CASES)
-def test_interrupted_run_resumes_to_the_same_result(compose_cfg, tmp_path, monkeypatch, guidance, stop_at):
+def test_interrupted_run_resumes_to_the_same_result(compose_cfg, tmp_path, interrupt_at, guidance, stop_at):
     """Killed at step ``stop_at`` (Ctrl-C / SLURM preemption), re-launched in the same directory: the result
     equals the uninterrupted run bit for bit (checkpoint every 4 steps plus one on exit), for every guidance
     config, including the method's own state (VSD's phi and its optimiser, SDI's kappa)."""
@@ -81,17 +81,7 @@ def test_interrupted_run_resumes_to_the_same_result(compose_cfg, tmp_path, monke
         ["experiment=sdi_2d", f"guidance={guidance}", "trainer.checkpoint_every=4", "trainer.max_steps=10", *FAST]
     )
     train(full, tmp_path / "full")
-    original = Trainer.train_step
-
-    def interrupted(self, logger, bar):
-        if self.step == stop_at:
-            raise KeyboardInterrupt
-        return original(self, logger, bar)
-
-    monkeypatch.setattr(Trainer, "train_step", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        train(full, tmp_path / "resumed")
-    monkeypatch.setattr(Trainer, "train_step", original)
+    interrupt_at(full, tmp_path / "resumed", stop_at)
     assert rundir.read_metrics(tmp_path / "resumed")["status"] == "running"
     m = train(full, tmp_path / "resumed")  # same directory: resumes
     assert m["resumed_from_step"] == stop_at and m["steps"] == 10

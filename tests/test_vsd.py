@@ -313,26 +313,16 @@ def test_phi_model_path_errors_come_from_the_prior_loader(sd_prior, tmp_path):
         VSD(VSDConfig(phi=PhiConfig(model=str(tmp_path / "nope" / "sd21"))), sd_prior, SCHED, CFGConfig())
 
 
-def test_esd_on_the_3d_analytic_prior_resumes_bit_identically(compose_cfg, tmp_path, monkeypatch):
+def test_esd_on_the_3d_analytic_prior_resumes_bit_identically(compose_cfg, tmp_path, interrupt_at):
     """The camera path (phi's camera embedding, the null-camera branch) through the trainer's checkpoint."""
     from distill import rundir
-    from distill.train import Trainer, train
+    from distill.train import train
 
     fast = ["logger=none", "trainer.progress=false", "trainer.image_every=0", "trainer.export=false"]
     small = ["camera.height=16", "camera.width=16", "camera.pool=3", "trainer.eval_views=1"]
     cfg = compose_cfg(["guidance=esd", "trainer.checkpoint_every=2", "trainer.max_steps=4", *small, *fast])
     train(cfg, tmp_path / "full")
-    original = Trainer.train_step
-
-    def interrupted(self, logger, bar):
-        if self.step == 3:
-            raise KeyboardInterrupt
-        return original(self, logger, bar)
-
-    monkeypatch.setattr(Trainer, "train_step", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        train(cfg, tmp_path / "resumed")
-    monkeypatch.setattr(Trainer, "train_step", original)
+    interrupt_at(cfg, tmp_path / "resumed", 3)
     assert train(cfg, tmp_path / "resumed")["resumed_from_step"] == 3
     a, b = rundir.load_checkpoint(tmp_path / "full"), rundir.load_checkpoint(tmp_path / "resumed")
     for k in a["scene"]:
