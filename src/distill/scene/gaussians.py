@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from distill import losses
+from distill.config import as_dataclass
 from distill.scene.cameras import Cameras
 from distill.scene.nerf import LossWeight
 from distill.scene.rasterizer import (
@@ -202,7 +203,7 @@ class GaussianScene(nn.Module):
 
     def __init__(self, cfg: GaussianScene.Config | dict | None = None):
         super().__init__()
-        cfg = _as_config(cfg)
+        cfg = as_dataclass(cfg, GaussianScene.Config)
         cfg.validate()
         self.cfg = cfg
         gen = torch.Generator().manual_seed(cfg.seed)
@@ -611,15 +612,3 @@ def knn_scale(points: Tensor, k: int = 3, block: int = 2048) -> Tensor:
         d2[torch.arange(len(rows)), rows] = float("inf")
         out.append(d2.topk(min(k, n - 1), dim=1, largest=False).values.mean(1))
     return torch.cat(out).clamp_min(1e-14).sqrt()
-
-
-def _as_config(cfg) -> GaussianScene.Config:
-    if cfg is None:
-        return GaussianScene.Config()
-    if isinstance(cfg, GaussianScene.Config):
-        return cfg
-    from omegaconf import OmegaConf
-
-    node = OmegaConf.create(cfg) if isinstance(cfg, dict) else cfg
-    node = OmegaConf.masked_copy(node, [k for k in node.keys() if k != "_target_"]) if "_target_" in node else node
-    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(GaussianScene.Config), node))

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from distill import losses
+from distill.config import as_dataclass
 from distill.scene.cameras import Cameras
 from distill.scene.hashgrid import HashGrid, HashGridConfig
 from distill.scene.renderer import RendererConfig, VolumeRenderer
@@ -260,7 +261,7 @@ class NeRFScene(nn.Module):
 
     def __init__(self, cfg: NeRFScene.Config | dict | None = None):
         super().__init__()
-        cfg = _as_config(cfg)
+        cfg = as_dataclass(cfg, NeRFScene.Config)
         cfg.validate()
         self.cfg = cfg
         gen = torch.Generator().manual_seed(cfg.seed)
@@ -527,15 +528,3 @@ def _rand(
     gdev = generator.device if generator is not None else torch.device("cpu")
     fn = torch.randn if normal else torch.rand
     return fn(shape, generator=generator, device=gdev).to(device=device, dtype=dtype)
-
-
-def _as_config(cfg) -> NeRFScene.Config:
-    if cfg is None:
-        return NeRFScene.Config()
-    if isinstance(cfg, NeRFScene.Config):
-        return cfg
-    from omegaconf import OmegaConf  # dict / DictConfig (e.g. a Hydra node) -> typed dataclass
-
-    node = OmegaConf.create(cfg) if isinstance(cfg, dict) else cfg
-    node = OmegaConf.masked_copy(node, [k for k in node.keys() if k != "_target_"]) if "_target_" in node else node
-    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(NeRFScene.Config), node))
