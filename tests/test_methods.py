@@ -221,21 +221,11 @@ def test_method_configs_are_typed_and_validated(compose_cfg, prior2d):
     assert isinstance(method, NFSD) and method.cfg == replace(NFSDConfig())
 
 
-def test_table61_smoke_sweep_fills_a_row_for_every_method(tmp_path):
+def test_table61_smoke_sweep_fills_a_row_for_every_method(smoke_sweep):
     """python train.py -m +sweep=table61_smoke: all five Table 6.1 methods plus CSD and NFSD on the 2D analytic
-    prior, then the sweep-end evaluation writes the table with one row of ours per method."""
-    import subprocess
-    import sys
-
-    r = subprocess.run(
-        [sys.executable, "train.py", "-m", "+sweep=table61_smoke", f"paths.output_root={tmp_path}"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert r.returncode == 0, r.stderr[-3000:]
-    table = (tmp_path / "sweeps" / "table61_smoke" / "eval" / "table.md").read_text()
+    prior, then the sweep-end evaluation writes the table with one row of ours per method. The same session run as
+    tests/test_eval_figure.py's table61 figure (the smoke_sweep fixture runs each sweep once)."""
+    table = (smoke_sweep("table61_smoke", "trainer.log_every=1") / "eval" / "table.md").read_text()
     rows = [ln for ln in table.splitlines() if ln.startswith("|")]
     for label in ("SDS", "VSD", "ESD", "HiFA", "SDI", "CSD", "NFSD"):
         assert any(ln.split("|")[1].strip().startswith(label) for ln in rows), (label, table)
