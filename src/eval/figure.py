@@ -237,35 +237,28 @@ def log_wandb_figure(
     out_dir: Path | str | None = None,
 ) -> dict[str, Any]:
     """Log the figure (``wandb.Image``) and its cell map (``wandb.Table``); offline unless a key is configured."""
-    import wandb
+    from eval.table.wandb_log import log_eval_run
 
-    mode = os.environ.get("WANDB_MODE") or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
     d = fig.data
-    run = wandb.init(
+    cols = ["row", "col", "prompt", "column", "run", "state", "reason"]
+    rows = [
+        [
+            c["row"],
+            c["col"],
+            d["rows"][c["row"]]["label"],
+            d["columns"][c["col"]]["label"],
+            c["run"],
+            c["state"],
+            c["reason"],
+        ]
+        for c in d["cells"]
+    ]
+
+    return log_eval_run(
+        lambda wandb: {"figure": wandb.Image(str(fig.png)), "figure_cells": wandb.Table(columns=cols, data=rows)},
         project=project,
-        entity=entity,
         name=name or f"figure-{Path(d['sweep']).name}",
-        job_type="eval",
-        dir=str(out_dir) if out_dir else None,
-        mode=mode,
+        entity=entity,
+        out_dir=out_dir,
         config={"root": d["sweep"], "column_axes": d["column_axes"]},
     )
-    try:
-        cols = ["row", "col", "prompt", "column", "run", "state", "reason"]
-        rows = [
-            [
-                c["row"],
-                c["col"],
-                d["rows"][c["row"]]["label"],
-                d["columns"][c["col"]]["label"],
-                c["run"],
-                c["state"],
-                c["reason"],
-            ]
-            for c in d["cells"]
-        ]
-        run.log({"figure": wandb.Image(str(fig.png)), "figure_cells": wandb.Table(columns=cols, data=rows)})
-        info = {"mode": mode, "dir": str(getattr(run, "dir", "")), "id": run.id, "url": getattr(run, "url", None)}
-    finally:
-        run.finish()
-    return info
