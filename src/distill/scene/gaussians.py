@@ -11,20 +11,9 @@ grey (c = 0.5), opacity ``init_opacity``, identity rotation, isotropic scale sqr
 Optimiser: one Adam group per attribute (eps 1e-15); the mean's lr decays log-linearly
     lr(step) = exp((1 - u) ln lr_init + u ln lr_final),  u = clamp(step / xyz_lr_steps, 0, 1).
 
-Densification (graphdeco, the rules every public text-to-3DGS recipe uses): after every step the screen-space
-gradient norm |dL/d mu_2D * (W/2, H/2)| (graphdeco's NDC convention, so the public thresholds carry over) is
-accumulated per Gaussian and view where it is visible; every ``interval`` steps in [start, until):
-    g = accumulated / visible count;  candidates: g >= grad_threshold
-    clone  (candidates with size <= split_threshold): an exact copy
-    split  (candidates with size >  split_threshold): ``split_n`` samples x ~ N(mu, R diag(s)^2 R^T), each with
-           scale s / (0.8 split_n); the original is removed
-    prune: o < min_opacity, or max(s) > prune_world_size (if > 0), or the largest screen radius since the last
-           densification > max_screen_size px (if > 0)
-size is |s|_2 (threestudio-3dgs, threshold 0.02) or max(s) (graphdeco: percent_dense * extent). ``max_num`` caps
-the count: the highest-gradient candidates are grown first and the rest wait (never an out-of-memory). The Adam
-moments of surviving rows are kept, new rows start at zero (graphdeco). The screen-size prune is off by default:
-in every public recipe it is a no-op (max_radii2D is zeroed before the check, graphdeco-inria/gaussian-splatting
-#123), and DreamGaussian's max_screen_size=1 would prune almost everything if it worked.
+Densification (graphdeco clone / split / prune under a ``max_num`` cap, the opacity reset, the Adam-state surgery):
+:mod:`distill.scene.densify`; the scene keeps its statistics as buffers and runs it on its schedule
+(:meth:`GaussianScene.after_optimizer_step`).
 
 Background per training render: white | black | random (a uniform colour per view) | invert (white, black with
 probability ``invert_prob``, threestudio-3dgs) | learned (one trainable colour: the exact analytic priors have a
@@ -42,14 +31,15 @@ from torch import Tensor, nn
 
 from distill import losses
 from distill.config import as_dataclass
+from distill.scene import densify
 from distill.scene.cameras import Cameras
+from distill.scene.densify import STATS, DensifyConfig
 from distill.scene.nerf import LossWeight
 from distill.scene.rasterizer import (
     RasterConfig,
     camera_matrices,
     covariances,
     project,
-    quat_to_rotmat,
     rasterize,
     rgb_to_sh0,
     sh0_to_rgb,
@@ -57,8 +47,6 @@ from distill.scene.rasterizer import (
 
 RASTERIZERS = ("torch", "gsplat", "auto")
 BACKGROUNDS = ("white", "black", "random", "invert", "learned")
-SPLIT_MEASURES = ("l2", "max")
-PARAMS = ("means", "log_scales", "quats", "opacity_logits", "f_dc")
 
 
 @dataclass
@@ -75,37 +63,6 @@ class GaussianOptimConfig:
     background_lr: float = 1e-3  # background=learned
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-15
-
-
-@dataclass
-class DensifyConfig:
-    """Clone / split / prune (threestudio-3dgs values; see the module doc)."""
-
-    enabled: bool = True
-    start: int = 500
-    until: int = -1  # -1: to the end of the run
-    interval: int = 300
-    grad_threshold: float = 0.01
-    split_measure: str = "l2"  # l2: |s|_2 (threestudio-3dgs) | max: max(s) (graphdeco)
-    split_threshold: float = 0.02  # graphdeco: percent_dense (0.01) * extent (4) = 0.04 with split_measure=max
-    split_n: int = 2
-    min_opacity: float = 0.005
-    prune_world_size: float = 0.0  # prune max(s) > this (graphdeco: 0.1 * extent); 0 = off
-    max_screen_size: float = 0.0  # prune a screen radius above this (px); 0 = off (a no-op in every recipe)
-    max_num: int = 500000
-    opacity_reset_interval: int = 0  # o <- min(o, 0.01) every this many steps (graphdeco); 0 = off
-
-    def validate(self, where: str) -> None:
-        if self.split_measure not in SPLIT_MEASURES:
-            raise ValueError(f"{where}.split_measure={self.split_measure!r} is not one of {list(SPLIT_MEASURES)}")
-        if self.interval <= 0:
-            raise ValueError(f"{where}.interval={self.interval} must be a positive integer")
-        if self.split_n < 2:
-            raise ValueError(f"{where}.split_n={self.split_n} must be >= 2")
-        if self.max_num <= 0:
-            raise ValueError(f"{where}.max_num={self.max_num} must be positive")
-        if self.grad_threshold < 0 or self.split_threshold < 0:
-            raise ValueError(f"{where}: grad_threshold and split_threshold must be >= 0")
 
 
 @dataclass
@@ -221,9 +178,8 @@ class GaussianScene(nn.Module):
         bg0 = torch.tensor(list(cfg.learned_background_init)).clamp(1e-4, 1 - 1e-4)
         self.background_logit = nn.Parameter(torch.log(bg0 / (1 - bg0)), requires_grad=cfg.background == "learned")
         # densification statistics (saved with the scene: a resumed run continues the same interval)
-        self.register_buffer("grad_accum", torch.zeros(n))
-        self.register_buffer("grad_count", torch.zeros(n))
-        self.register_buffer("max_radii", torch.zeros(n))
+        for name in STATS:
+            self.register_buffer(name, torch.zeros(n))
         self.register_buffer("step", torch.zeros((), dtype=torch.int64))
         self.register_buffer("max_steps", torch.zeros((), dtype=torch.int64))
         self.last_shading = "albedo"
@@ -490,114 +446,29 @@ class GaussianScene(nn.Module):
         return None
 
     def accumulate_screen_gradients(self) -> None:
-        """grad_accum += |dL/d mu_2D * (W/2, H/2)| and grad_count += 1 per visible (Gaussian, view)."""
+        """Add the last training render's screen-space gradients to the densification statistics
+        (:func:`distill.scene.densify.accumulate_screen_gradients`)."""
         if self._screen is None:
             return
         means2d, radii, W, H = self._screen
         self._screen = None
-        if means2d.grad is None or means2d.shape[1] != self.num_gaussians:
-            return
-        g = means2d.grad.detach() * torch.tensor([W / 2.0, H / 2.0], dtype=means2d.dtype, device=means2d.device)
-        vis = (radii > 0).all(-1)
-        self.grad_accum += (g.norm(dim=-1) * vis).sum(0)
-        self.grad_count += vis.sum(0).to(self.grad_count.dtype)
-        r = torch.where(vis, radii.max(-1).values, torch.zeros_like(radii[..., 0])).max(0).values
-        self.max_radii.copy_(torch.maximum(self.max_radii, r.to(self.max_radii.dtype)))
+        densify.accumulate_screen_gradients(self, means2d, radii, W, H)
 
     def densify_and_prune(self, optimizer: torch.optim.Optimizer | None, generator: torch.Generator) -> dict:
-        """One graphdeco densification (module doc). Returns counts: cloned, split, pruned, n_gaussians."""
-        d = self.cfg.densify
-        N = self.num_gaussians
-        grads = torch.nan_to_num(self.grad_accum / self.grad_count, nan=0.0)
-        scales = self.scales
-        size = scales.norm(dim=-1) if d.split_measure == "l2" else scales.max(dim=-1).values
-        cand = grads >= d.grad_threshold
-        is_split = cand & (size > d.split_threshold)
-        # the max_num cap: candidates by decreasing gradient, each costing its new rows, while the budget lasts
-        cost = torch.where(is_split, d.split_n - 1, 1) * cand
-        order = torch.argsort(grads.masked_fill(~cand, -1.0), descending=True, stable=True)
-        budget = max(d.max_num - N, 0)
-        allowed = torch.zeros_like(cand)
-        allowed[order] = torch.cumsum(cost[order], 0) <= budget
-        cand &= allowed
-        is_split &= cand
-        is_clone = cand & ~is_split
-        # new rows: clones (exact copies), then split samples from N(mu, R diag(s)^2 R^T) with scale s / (0.8 n)
-        clone_idx = torch.nonzero(is_clone).squeeze(1)
-        split_idx = torch.nonzero(is_split).squeeze(1).repeat(d.split_n)
-        eps = torch.randn(len(split_idx), 3, generator=generator).to(self.means)
-        R = quat_to_rotmat(self.quats[split_idx])
-        new_split = {
-            "means": self.means[split_idx] + (R @ (scales[split_idx] * eps)[..., None])[..., 0],
-            "log_scales": torch.log(scales[split_idx] / (0.8 * d.split_n)),
-            "quats": self.quats[split_idx],
-            "opacity_logits": self.opacity_logits[split_idx],
-            "f_dc": self.f_dc[split_idx],
-        }
-        new_rows = {k: torch.cat([getattr(self, k)[clone_idx], new_split[k]]) for k in PARAMS}
-        # prune (graphdeco: after cloning and splitting, over all rows): the split originals, low opacity, too large
-        # in the world; too large on the screen (old rows only: new rows have no screen radius yet, graphdeco's
-        # max_radii2D of 0)
-        prune = is_split | (self.opacities < d.min_opacity)
-        new_prune = torch.sigmoid(new_rows["opacity_logits"]) < d.min_opacity
-        if d.prune_world_size > 0:
-            prune |= scales.max(dim=-1).values > d.prune_world_size
-            new_prune |= torch.exp(new_rows["log_scales"]).max(dim=-1).values > d.prune_world_size
-        if d.max_screen_size > 0:
-            prune |= self.max_radii > d.max_screen_size
-        keep = torch.nonzero(~prune).squeeze(1)
-        new_rows = {k: v[~new_prune] for k, v in new_rows.items()}
-        self._rebuild(optimizer, keep, new_rows)
-        n_split = int(is_split.sum())
-        stats = {
-            "cloned": int(len(clone_idx)),
-            "split": n_split,
-            "pruned": int(N - len(keep) - n_split + int(new_prune.sum())),
-            "n_gaussians": self.num_gaussians,
-        }
-        return stats
+        """One graphdeco densification (:func:`distill.scene.densify.densify_and_prune`). Returns counts: cloned,
+        split, pruned, n_gaussians."""
+        return densify.densify_and_prune(self, optimizer, generator)
 
     def reset_opacity(self, optimizer: torch.optim.Optimizer | None) -> None:
         """o <- min(o, 0.01) (graphdeco), with the opacity's Adam moments reset to 0."""
-        cap = math.log(0.01 / 0.99)
-        self.opacity_logits.data.clamp_(max=cap)
-        if optimizer is not None:
-            for v in optimizer.state.get(self.opacity_logits, {}).values():
-                if torch.is_tensor(v) and v.shape == self.opacity_logits.shape:
-                    v.zero_()
-
-    def _rebuild(self, optimizer: torch.optim.Optimizer | None, keep: Tensor, new_rows: dict[str, Tensor]) -> None:
-        """Rows ``keep`` then ``new_rows`` for every per-Gaussian tensor: parameters (same Parameter objects, so the
-        optimiser's groups stay valid), their optimiser state (kept rows keep their moments, new rows start at 0),
-        and the densification statistics (reset)."""
-        n_new = len(next(iter(new_rows.values())))
-        # a live graph of the old tensors (the last render's screen means) would keep autograd's cached
-        # gradient accumulators with the old shapes: drop it before resizing
-        self._screen = None
-        for name in PARAMS:
-            p = getattr(self, name)
-            old_n = p.shape[0]
-            p.data = torch.cat([p.data[keep], new_rows[name].to(p.dtype)])
-            p.grad = None
-            state = optimizer.state.get(p) if optimizer is not None else None
-            for k, v in (state or {}).items():
-                if torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == old_n:
-                    state[k] = torch.cat([v[keep], v.new_zeros((n_new, *v.shape[1:]))])
-        n = self.num_gaussians
-        for name in ("grad_accum", "grad_count", "max_radii"):
-            setattr(self, name, torch.zeros(n, dtype=self.means.dtype, device=self.means.device))
+        densify.reset_opacity(self, optimizer)
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         """Accepts a checkpoint with any number of Gaussians: the per-Gaussian tensors are resized first (in place,
         so an optimiser built on this scene keeps its parameter references)."""
         n = state_dict["means"].shape[0] if "means" in state_dict else self.num_gaussians
         if n != self.num_gaussians:
-            self._screen = None
-            for name in PARAMS:
-                p = getattr(self, name)
-                p.data = p.data.new_zeros((n, *p.shape[1:]))
-            for name in ("grad_accum", "grad_count", "max_radii"):
-                setattr(self, name, torch.zeros(n, dtype=self.means.dtype, device=self.means.device))
+            densify.resize(self, n)
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
 
