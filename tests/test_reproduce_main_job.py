@@ -6,7 +6,7 @@ import imageio.v3 as iio
 import pytest
 
 from distill.config import ConfigError
-from distill.reproduce import MAIN_JOB_COLUMNS, main_job
+from distill.reproduce.main_job import MAIN_JOB_COLUMNS, main_job
 
 # the main job's config at a tiny budget: 2 steps at 16x16 with a progress frame each step, small texture basis
 TINY = [
@@ -59,7 +59,7 @@ def test_main_job_table_and_picture(tmp_path):
 
 
 def test_a_run_made_before_the_config_gained_a_key_still_resumes():
-    from distill.reproduce import _same_run
+    from distill.reproduce.main_job import _same_run
 
     assert _same_run({"a": {"b": 1}}, {"a": {"b": 1, "new": 0}})  # a key added to the config later
     assert not _same_run({"a": {"b": 1}}, {"a": {"b": 2}})  # a changed value
