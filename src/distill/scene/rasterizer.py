@@ -20,11 +20,16 @@ Rasterization (per pixel p, Gaussians in increasing camera depth z, T_0 = 1):
     depth = sum_i w_i z_i  (the NeRF renderer's convention: not divided by alpha),
     expected_depth = depth / max(alpha, 1e-10)  (gsplat's "ED"),  depth_sq = sum_i w_i z_i^2
 
-Implementation: sparse (pixel, Gaussian) pairs instead of a dense pixels x Gaussians product. Every Gaussian
-emits the pixels of its box; pairs with alpha < 1/255 are dropped (no gradient, as in the kernels); the rest are
-sorted by pixel (stably, so each pixel's list stays in depth order); the transmittance is a segmented product done
-as a float64 cumulative sum of log(1 - alpha). The work is proportional to the pairs that contribute, which is
-what tile culling buys the CUDA kernels. The stop rule is a non-differentiable prefix mask, as in the kernels.
+Implementation: sparse (pixel, Gaussian) pairs instead of a dense pixels x Gaussians product (what tile culling
+buys the CUDA kernels: the work is proportional to the pairs that contribute).
+    1. Pairs (``_pairs``, no gradient): each visible Gaussian's box, padded to one of a few sides, is evaluated by
+       broadcasting, bucket by bucket; the pairs with alpha >= 1/255 are kept as one integer key
+       (pixel << bits | depth rank), and one radix sort of those keys groups them by pixel in depth order.
+    2. Compositing (``_Composite``): per pair alpha, the transmittance as a float64 cumulative sum of
+       log(1 - alpha) segmented by pixel, the stop rule as a mask on it (log T only decreases, so the kept pairs
+       are a prefix), per-pixel sums as one sparse (CSR) product; the backward is the kernels' reverse pass
+       written out (suffix sums from one more cumulative sum), so autograd stores no per-pair intermediates.
+Measured speed and memory: ``benchmarks/bench_render.py`` (docs/benchmarks.md).
 
 Constants that differ between implementations are settings (``RasterConfig``): alpha_max 0.99 (graphdeco, gsplat
 after 1.5.3) or 0.999 (gsplat <= 1.5.3), near 0.2 (graphdeco) or 0.01 (gsplat), the stop rule. graphdeco's own
@@ -35,6 +40,7 @@ alpha >= 1/255 (gsplat's semantics), see README's fidelity list.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -170,81 +176,199 @@ def project(
     return Projection(means2d=means2d, conics=conics, depths=z, radii=radii)
 
 
-def _splat_features(proj: Projection, opacities: Tensor, colors: Tensor) -> Tensor:
-    """Per splat (camera c, Gaussian i), row c * N + i: mean2d x y, conic A B C, depth, opacity, colour (C * N, 7 + D).
-    One packed table makes every per-pair gather a single index_select (and its backward one index_add)."""
-    C, N = proj.depths.shape
-    col = colors if colors.dim() == 3 else colors[None].expand(C, *colors.shape)
-    opac = opacities[None, :, None].expand(C, N, 1)
-    feats = torch.cat([proj.means2d, proj.conics, proj.depths[..., None], opac.to(col.dtype), col], dim=-1)
-    return feats.reshape(C * N, -1)
+_BOX_SIDES = (
+    *range(1, 17),
+    18,
+    20,
+    22,
+    24,
+    28,
+    32,
+    *(int(2 ** (k / 4)) for k in range(21, 61)),
+)  # <= 1.2x padding per axis
+# the offset (px) of a padding pixel: sigma >= lambda_min(conic) / 2 * _FAR^2 overflows no float32 and passes no test
+_FAR = 1e15
 
 
 @torch.no_grad()
 def _pairs(
-    proj: Projection, feats: Tensor, width: int, height: int, cfg: RasterConfig, chunk_pairs: int = 2**24
-) -> tuple[Tensor, ...]:
+    proj: Projection, opacities: Tensor, width: int, height: int, cfg: RasterConfig, chunk_pairs: int = 2**24
+) -> tuple[Tensor, Tensor]:
     """Every (splat, pixel) pair with alpha >= min_alpha, grouped by pixel, each pixel's Gaussians in increasing
-    depth: splat row (c * N + i), global pixel index (c * H * W + y * W + x), pixel centre x and y."""
+    depth: splat row (c * N + i) and global pixel index (c * H * W + y * W + x), both int64.
+
+    Each visible splat's box (clamped to the image) is padded to the next side in ``_BOX_SIDES`` and splats of
+    one side are evaluated together by broadcasting (no per-pair gathers), in chunks of at most ``chunk_pairs``
+    box pixels. The kept pairs are ordered by one unique integer key, pixel * 2^k + depth rank, so a plain
+    (unstable) radix sort of 32-bit keys both groups them by pixel and keeps each pixel's depth order."""
     C, N = proj.depths.shape
     dev = proj.depths.device
+    dt = proj.means2d.dtype
+    e = torch.zeros(0, dtype=torch.long, device=dev)
     order = torch.argsort(proj.depths.detach(), dim=1)  # depth order per camera
     splat = (order + torch.arange(C, device=dev)[:, None] * N).reshape(-1)
     r = proj.radii.reshape(-1, 2).index_select(0, splat)
-    splat = splat[r[:, 0] > 0]
-    if len(splat) == 0:
-        e = torch.zeros(0, dtype=torch.long, device=dev)
-        return e, e, feats.new_zeros(0), feats.new_zeros(0)
-    # mean x y, conic A B C, and log(o / min_alpha): alpha >= min_alpha  <=>  sigma <= log(o / min_alpha)
-    f = feats.detach().index_select(0, splat)[:, :7]
-    f[:, 5] = torch.log(f[:, 6] / cfg.min_alpha)
-    f = f[:, :6].contiguous()
-    r = proj.radii.reshape(-1, 2).index_select(0, splat).to(f.dtype)
-    mx, my = f[:, 0], f[:, 1]
+    splat = splat[r[:, 0] > 0]  # visible splats, camera-major, then by depth: their position is the depth rank
+    V = len(splat)
+    if V == 0:
+        return e, e
+    r = proj.radii.reshape(-1, 2).index_select(0, splat).to(dt)
+    m2 = proj.means2d.detach().reshape(-1, 2).index_select(0, splat)
+    con = proj.conics.detach().reshape(-1, 3).index_select(0, splat)
+    o = opacities.detach().to(dt)[None].expand(C, N).reshape(-1).index_select(0, splat)
+    # alpha >= min_alpha  <=>  sigma <= log(o / min_alpha)
+    lim = torch.log(o / cfg.min_alpha)
+    mx, my = m2[:, 0], m2[:, 1]
     x_lo = torch.ceil(mx - r[:, 0] - 0.5).clamp(0, width).long()
-    x_hi = torch.floor(mx + r[:, 0] - 0.5).clamp(-1, width - 1).long()
     y_lo = torch.ceil(my - r[:, 1] - 0.5).clamp(0, height).long()
-    y_hi = torch.floor(my + r[:, 1] - 0.5).clamp(-1, height - 1).long()
-    wx = (x_hi - x_lo + 1).clamp_min(0)
-    cnt = wx * (y_hi - y_lo + 1).clamp_min(0)
-    total = int(cnt.sum())
-    if total == 0:
-        e = torch.zeros(0, dtype=torch.long, device=dev)
-        return e, e, feats.new_zeros(0), feats.new_zeros(0)
-    # the box pairs in chunks of splats (at most ``chunk_pairs`` each): only the contributing pairs are kept
-    csum = torch.cumsum(cnt, 0)
-    sids, pxs, pys = [], [], []
-    lo = 0
-    while lo < len(cnt):
-        base = int(csum[lo - 1]) if lo > 0 else 0
-        hi = max(int(torch.searchsorted(csum, base + chunk_pairs, right=True)), lo + 1)
-        c = cnt[lo:hi]
-        n_pairs = int(c.sum())
-        k = torch.repeat_interleave(torch.arange(lo, hi, device=dev), c)
-        local = torch.arange(n_pairs, device=dev) - (csum[lo:hi] - c - base).repeat_interleave(c)
-        w = wx.index_select(0, k)
-        py = local // w
-        px = x_lo.index_select(0, k) + (local - py * w)
-        py = py + y_lo.index_select(0, k)
-        fk = f.index_select(0, k)
-        dx, dy = fk[:, 0] - (px.to(f.dtype) + 0.5), fk[:, 1] - (py.to(f.dtype) + 0.5)
-        sigma = 0.5 * (fk[:, 2] * dx * dx + fk[:, 4] * dy * dy) + fk[:, 3] * dx * dy
-        ok = torch.nonzero((sigma >= 0) & (sigma <= fk[:, 5])).squeeze(1)
-        sids.append(splat.index_select(0, k.index_select(0, ok)))
-        pxs.append(px.index_select(0, ok))
-        pys.append(py.index_select(0, ok))
-        lo = hi
-    sid, px, py = torch.cat(sids), torch.cat(pxs), torch.cat(pys)
-    pix = torch.div(sid, N, rounding_mode="floor") * (height * width) + py * width + px
-    # stable radix sort on 32-bit keys (an int64 stable sort is ~50x slower on the CPU)
-    key = pix.to(torch.int32) if C * height * width < 2**31 else pix
-    perm = torch.sort(key, stable=True).indices
-    return (
-        sid.index_select(0, perm),
-        pix.index_select(0, perm),
-        px.index_select(0, perm).to(f.dtype) + 0.5,
-        py.index_select(0, perm).to(f.dtype) + 0.5,
-    )
+    wx = (torch.floor(mx + r[:, 0] - 0.5).clamp(-1, width - 1).long() - x_lo + 1).clamp_min(0)
+    wy = (torch.floor(my + r[:, 1] - 0.5).clamp(-1, height - 1).long() - y_lo + 1).clamp_min(0)
+    side = torch.maximum(wx, wy)
+    if int(side.max()) > _BOX_SIDES[-1]:
+        raise ValueError(f"an image side of {int(side.max())} px is above the rasterizer's {_BOX_SIDES[-1]}")
+    bucket = torch.searchsorted(torch.tensor(_BOX_SIDES, device=dev), side)  # smallest side >= the box
+    bucket = torch.where(side > 0, bucket, -1)  # empty boxes (off the image after clamping): none
+    rank_bits = max(1, (V - 1).bit_length())
+    pix_bits = max(1, (C * height * width - 1).bit_length())
+    kdt = torch.int32 if rank_bits + pix_bits <= 31 else torch.int64
+    # splats grouped by bucket: each bucket is then a slice (views, no per-bucket gathers)
+    by = torch.argsort(bucket, stable=True)
+    nb = torch.bincount(bucket + 1, minlength=len(_BOX_SIDES) + 1).tolist()
+    f = torch.stack([mx, my, con[:, 0], con[:, 1], con[:, 2], lim], 1).index_select(0, by)
+    rank = torch.arange(V, device=dev).index_select(0, by).to(kdt)  # the depth rank of each row
+    row0 = (torch.div(splat, N, rounding_mode="floor") * height).index_select(0, by)  # first image row of its camera
+    x_lo, y_lo, wx, wy = (t.index_select(0, by) for t in (x_lo, y_lo, wx, wy))
+    keys = []
+    start = nb[0]
+    for bi, count in enumerate(nb[1:]):
+        sd = _BOX_SIDES[bi]
+        ar = torch.arange(sd, device=dev)
+        step = max(1, chunk_pairs // (sd * sd))
+        for lo in range(start, start + count, step):
+            sl = slice(lo, min(lo + step, start + count))
+            xs = x_lo[sl, None] + ar  # (n, s) pixel columns / rows (int), pixel centres at + 0.5
+            ys = y_lo[sl, None] + ar
+            fx, fy, A, B, Cc, lm = (c[:, None] for c in f[sl].unbind(1))
+            # outside its own box (the padding) a pixel gets a huge offset, so sigma is huge and the test fails
+            dx = torch.where(ar < wx[sl, None], fx - (xs.to(dt) + 0.5), _FAR)
+            dy = torch.where(ar < wy[sl, None], fy - (ys.to(dt) + 0.5), _FAR)
+            qx, qy, bdy = 0.5 * A * dx * dx, 0.5 * Cc * dy * dy, B * dy
+            sigma = (qx[:, None, :] + qy[:, :, None]) + bdy[:, :, None] * dx[:, None, :]
+            ok = (sigma >= 0) & (sigma <= lm[..., None])
+            # key = (global pixel << rank_bits) | depth rank, built in the box layout, then the kept ones taken
+            krow = (((row0[sl, None] + ys) * width).to(kdt) << rank_bits) | rank[sl, None]
+            kb = krow[:, :, None] + (xs.to(kdt) << rank_bits)[:, None, :]
+            keys.append(kb[ok])
+        start += count
+    if not keys:
+        return e, e
+    key = torch.sort(torch.cat(keys)).values.long()
+    pix = key >> rank_bits
+    sid = splat.index_select(0, key & ((1 << rank_bits) - 1))
+    return sid, pix
+
+
+class _Composite(torch.autograd.Function):
+    """Front-to-back compositing of the (splat, pixel) pairs of ``_pairs``, with the kernels' reverse pass written
+    out, so that autograd keeps no per-pair intermediates.
+
+    Inputs per splat (S = C * N rows): means2d (S, 2), conics (S, 3), depths (S,), opacities (S,), colors (S, D).
+    Forward per pair i of one pixel (in depth order): alpha_i, T_i = prod_{j < i} (1 - alpha_j) as exp of a float64
+    cumulative sum of log(1 - alpha), w_i = alpha_i T_i for the kept prefix (stop rule), and per pixel
+    (P, D + 3): sum_i w_i c_i, sum_i w_i, sum_i w_i z_i, sum_i w_i z_i^2.
+    Backward, with v_i = dL/dw_i = c_i . g_rgb + g_alpha + z_i g_z + z_i^2 g_z2:
+        dL/dalpha_i = v_i T_i - (sum_{j > i} v_j w_j) / (1 - alpha_i)
+        alpha = min(alpha_max, o G), G = exp(-sigma):  dL/do = dL/dalpha G,  dL/dsigma = -dL/dalpha o G
+            (zero where the cap is active)
+        sigma = 1/2 (A dx^2 + C dy^2) + B dx dy, dx = mu_x - p_x:  dsigma/dmu = (A dx + B dy, C dy + B dx),
+            dsigma/d(A, B, C) = (dx^2 / 2, dx dy, dy^2 / 2)
+        dL/dc_i = w_i g_rgb,  dL/dz_i = w_i (g_z + 2 z_i g_z2)
+    The suffix sums are one float64 cumulative sum over all pairs, read at each pixel's last pair. Per-pixel sums
+    are one sparse (CSR) product, per-splat gradients one ``scatter_add`` per attribute."""
+
+    @staticmethod
+    def forward(ctx, means2d, conics, depths, opacities, colors, sid, pix, width, height, n_pix, cfg):
+        dt, dev = means2d.dtype, means2d.device
+        tab = torch.cat([means2d, conics, opacities[:, None]], dim=1).t().contiguous()  # (6, S)
+        mx, my, A, B, Cc, o = (row.index_select(0, sid) for row in tab)
+        # what each pair's weight multiplies: colour, 1, z, z^2 (one row gather, (M, D + 3))
+        feat = torch.cat([colors, torch.ones_like(depths)[:, None], depths[:, None], depths[:, None] ** 2], dim=1)
+        feat = feat.index_select(0, sid)
+        # pixel centres of every image pixel, gathered along the pairs' (sorted) pixel index
+        cx = (torch.arange(width, device=dev, dtype=dt) + 0.5).repeat(n_pix // width)
+        cy = (
+            (torch.arange(height, device=dev, dtype=dt) + 0.5)
+            .repeat_interleave(width)
+            .repeat(n_pix // (width * height))
+        )
+        dx = mx - cx.index_select(0, pix)
+        dy = my - cy.index_select(0, pix)
+        sigma = 0.5 * (A * dx * dx + Cc * dy * dy) + B * dx * dy
+        a_raw = o * torch.exp(-sigma)
+        alpha = a_raw.clamp_max(cfg.alpha_max)
+        # segmented transmittance: log T = cumulative sum of log(1 - alpha) within each pixel (float64: the sum
+        # runs over all pixels, each pixel's start is subtracted)
+        cs = torch.cumsum(torch.log1p(-alpha).double(), 0)
+        cs_prev = torch.empty_like(cs)  # exclusive; log T_excl(i) == log T_incl(i - 1) exactly
+        cs_prev[1:], cs_prev[:1] = cs[:-1], 0.0
+        counts = torch.bincount(pix, minlength=n_pix)
+        ends = torch.cumsum(counts, 0)
+        base = cs_prev.index_select(0, (ends - counts).index_select(0, pix))  # at each pixel's first pair
+        log_t_incl = cs - base  # non-increasing within a pixel, so the kept pairs are a prefix
+        thr = math.log(cfg.transmittance_stop) if cfg.transmittance_stop > 0 else -math.inf
+        keep = log_t_incl > thr if cfg.stop_rule == "le" else log_t_incl >= thr
+        Tk = torch.where(keep, torch.exp((cs_prev - base).to(dt)), 0.0)  # T_i of the kept pairs, else 0
+        w = alpha * Tk
+        # per-pixel sums: the pairs are grouped by pixel, so one CSR (pixels x pairs) product sums them all
+        crow = torch.cat([ends.new_zeros(1), ends])
+        ones = torch.ones(len(sid), dtype=dt, device=dev)
+        with warnings.catch_warnings():  # "sparse CSR support is in beta"
+            warnings.simplefilter("ignore")
+            rows = torch.sparse_csr_tensor(crow, torch.arange(len(sid), device=dev), ones, (n_pix, len(sid)))
+        acc = rows @ (feat * w[:, None])
+        last = (ends - 1).clamp_min(0).index_select(0, pix)
+        ctx.save_for_backward(
+            tab, torch.cat([colors, depths[:, None]], 1).t().contiguous(), sid, pix, last, dx, dy, a_raw, alpha, Tk, w
+        )
+        ctx.alpha_max = cfg.alpha_max
+        n_kept = keep.sum()
+        ctx.mark_non_differentiable(n_kept)
+        return acc, n_kept
+
+    @staticmethod
+    def backward(ctx, g_acc, _g_n):
+        # per-pair quantities as separate contiguous rows: (M, k) layouts are slow to reduce along k on the CPU
+        tab, cz, sid, pix, last, dx, dy, a_raw, alpha, Tk, w = ctx.saved_tensors
+        D, S = cz.shape[0] - 1, tab.shape[1]
+        *col, z = (row.index_select(0, sid) for row in cz)
+        gp = [row.index_select(0, pix) for row in g_acc.t()]
+        v = gp[D] + z * (gp[D + 1] + z * gp[D + 2])  # dL/dw per pair
+        for c, gc in zip(col, gp[:D]):
+            v = v + c * gc
+        U = torch.cumsum((v * w).double(), 0)
+        after = (U.index_select(0, last) - U).to(v.dtype)  # sum of v w over the later pairs of the same pixel
+        dalpha = v * Tk - after / (1.0 - alpha)  # dropped pairs: Tk = 0 and nothing kept after them: 0
+        dsig = torch.where(a_raw <= ctx.alpha_max, dalpha * a_raw, 0.0)  # -dL/dsigma (the cap has no gradient)
+        m1, m2 = dsig * dx, dsig * dy
+        per_pair = (m1, m2, m1 * dx, m1 * dy, m2 * dy, dsig, w * (gp[D + 1] + 2.0 * z * gp[D + 2]))
+        per_pair += tuple(w * gc for gc in gp[:D])
+        m = torch.stack([v.new_zeros(S).scatter_add_(0, sid, x) for x in per_pair])  # (7 + D, S) sums per splat
+        A, B, Cc, o = tab[2], tab[3], tab[4], tab[5]
+        # sigma is quadratic in (dx, dy) with the splat's own conic: the sums of dsig dx^a dy^b are enough
+        grads = torch.stack(
+            [
+                -(A * m[0] + B * m[1]),
+                -(Cc * m[1] + B * m[0]),
+                -0.5 * m[2],
+                -m[3],
+                -0.5 * m[4],
+                m[6],
+                torch.where(o > 0, m[5] / o, 0.0),  # dalpha/do = alpha / o where not capped
+                *m[7:],
+            ],
+            dim=1,
+        )
+        return grads[:, :2], grads[:, 2:5], grads[:, 5], grads[:, 6], grads[:, 7:], None, None, None, None, None, None
 
 
 def rasterize(
@@ -257,44 +381,32 @@ def rasterize(
     background: Tensor | None = None,
     chunk_pairs: int = 2**24,
 ) -> dict[str, Tensor]:
-    """Composite projected Gaussians front to back (module doc). The candidate (box) pairs are generated in
+    """Composite projected Gaussians front to back (module doc). The candidate (box) pixels are evaluated in
     chunks of at most ``chunk_pairs``, which bounds the memory before the alpha filter.
 
     opacities (N,) in [0, 1]; colors (N, D) or (C, N, D); background (C, D) or None (black).
     Returns rgb (C, H, W, D) composited on the background, alpha, depth, expected_depth, depth_sq (C, H, W, 1),
-    and n_pairs (0-d): the contributing (pixel, Gaussian) pairs.
+    and n_pairs (0-d): the contributing (pixel, Gaussian) pairs before the stop rule's cut.
     """
     C, N = proj.depths.shape
     D = colors.shape[-1]
     P = C * height * width
     dt = proj.means2d.dtype
-    feats = _splat_features(proj, opacities, colors)
-    sid, pix, pxc, pyc = _pairs(proj, feats, width, height, cfg, chunk_pairs)
-    # unbind, not column slices: a slice's backward writes a full-size zero tensor per column
-    mx, my, ca, cb, cc, z, o, *col = feats.index_select(0, sid).unbind(1)
-    dx, dy = mx - pxc, my - pyc
-    sigma = 0.5 * (ca * dx * dx + cc * dy * dy) + cb * dx * dy
-    alpha = (o * torch.exp(-sigma)).clamp_max(cfg.alpha_max)
-    # segmented front-to-back transmittance: log T = cumulative sum of log(1 - alpha) within each pixel
-    la = torch.log1p(-alpha).double()
-    cs = torch.cumsum(la, 0)
-    counts = torch.bincount(pix, minlength=P)
-    first = (torch.cumsum(counts, 0) - counts).index_select(0, pix)  # index of each pixel's first pair
-    cs_excl = cs - la
-    log_t_excl = cs_excl - cs_excl.index_select(0, first)
-    with torch.no_grad():
-        log_t_incl = log_t_excl + la
-        thr = math.log(cfg.transmittance_stop) if cfg.transmittance_stop > 0 else -math.inf
-        keep = log_t_incl > thr if cfg.stop_rule == "le" else log_t_incl >= thr
-        # the first dropped pair ends the pixel: keep only the prefix before it
-        dropped = (~keep).to(torch.int32)
-        seen = torch.cumsum(dropped, 0)
-        keep = (seen - (seen - dropped).index_select(0, first)) == 0
-    w = alpha * torch.exp(log_t_excl).to(dt) * keep.to(dt)
-    wz = w * z
-    vals = torch.stack([*(w * c for c in col), w, wz, wz * z], dim=1)
-    acc = torch.zeros(P, D + 3, dtype=dt, device=w.device)
-    acc = acc.index_add(0, pix, vals)
+    sid, pix = _pairs(proj, opacities, width, height, cfg, chunk_pairs)
+    col = colors if colors.dim() == 3 else colors[None].expand(C, *colors.shape)
+    acc, n_kept = _Composite.apply(
+        proj.means2d.reshape(C * N, 2),
+        proj.conics.reshape(C * N, 3),
+        proj.depths.reshape(C * N),
+        opacities.to(dt)[None].expand(C, N).reshape(C * N),
+        col.reshape(C * N, D).to(dt),
+        sid,
+        pix,
+        width,
+        height,
+        P,
+        cfg,
+    )
     rgb, out_alpha, depth, depth_sq = acc[:, :D], acc[:, D], acc[:, D + 1], acc[:, D + 2]
     if background is not None:
         bg = background.to(dt).reshape(C, 1, D).expand(C, height * width, D).reshape(P, D)
@@ -306,7 +418,7 @@ def rasterize(
         "depth": depth.reshape(*shape, 1),
         "expected_depth": (depth / out_alpha.clamp_min(1e-10)).reshape(*shape, 1),
         "depth_sq": depth_sq.reshape(*shape, 1),
-        "n_pairs": keep.sum(),
+        "n_pairs": n_kept,
     }
 
 
