@@ -24,7 +24,7 @@ Implementation: sparse (pixel, Gaussian) pairs instead of a dense pixels x Gauss
 buys the CUDA kernels: the work is proportional to the pairs that contribute).
     1. Pairs (``_pairs``, no gradient): each visible Gaussian's box, padded to one of a few sides, is evaluated by
        broadcasting, bucket by bucket; the pairs with alpha >= 1/255 are kept as one integer key
-       (pixel << bits | depth rank), and one radix sort of those keys groups them by pixel in depth order.
+       (pixel << bits | depth rank), and one sort of those unique keys groups them by pixel in depth order.
     2. Compositing (``_Composite``): per pair alpha, the transmittance as a float64 cumulative sum of
        log(1 - alpha) segmented by pixel, the stop rule as a mask on it (log T only decreases, so the kept pairs
        are a prefix), per-pixel sums as one sparse (CSR) product; the backward is the kernels' reverse pass
@@ -43,6 +43,7 @@ import math
 import warnings
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -200,7 +201,7 @@ def _pairs(
     Each visible splat's box (clamped to the image) is padded to the next side in ``_BOX_SIDES`` and splats of
     one side are evaluated together by broadcasting (no per-pair gathers), in chunks of at most ``chunk_pairs``
     box pixels. The kept pairs are ordered by one unique integer key, pixel * 2^k + depth rank, so a plain
-    (unstable) radix sort of 32-bit keys both groups them by pixel and keeps each pixel's depth order."""
+    (unstable) sort of 32-bit keys both groups them by pixel and keeps each pixel's depth order."""
     C, N = proj.depths.shape
     dev = proj.depths.device
     dt = proj.means2d.dtype
@@ -262,7 +263,12 @@ def _pairs(
         start += count
     if not keys:
         return e, e
-    key = torch.sort(torch.cat(keys)).values.long()
+    key = torch.cat(keys)
+    if key.device.type == "cpu":  # the keys are unique, so any sort gives the same order; numpy's vectorised
+        key = torch.from_numpy(np.sort(key.numpy()))  # quicksort is ~4x faster than torch's radix sort here
+    else:
+        key = torch.sort(key).values
+    key = key.long()
     pix = key >> rank_bits
     sid = splat.index_select(0, key & ((1 << rank_bits) - 1))
     return sid, pix
