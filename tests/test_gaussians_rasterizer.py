@@ -162,6 +162,10 @@ def test_rasterizer_matches_per_pixel_loop(stop_rule, alpha_max):
     ref = loop_reference(proj, opac, colors, 12, 14, cfg, bg)
     chunked = rasterize(proj, opac, colors, 12, 14, cfg, background=bg, chunk_pairs=37)  # many small chunks
     assert torch.equal(chunked["rgb"], out["rgb"]) and torch.equal(chunked["depth"], out["depth"])
+    blocked = rasterize(proj, opac, colors, 12, 14, cfg, background=bg, block_pairs=29)  # many pixel ranges
+    assert int(blocked["n_pairs"]) == int(out["n_pairs"])
+    for k in ("rgb", "alpha", "depth"):  # only the float64 cumulative sums' starting points differ
+        torch.testing.assert_close(blocked[k], out[k], rtol=1e-12, atol=1e-12)
     assert (ref[..., 3] > 1 - 1e-3).sum() > 20  # saturated pixels: the stop rule ends them
     # float64 throughout; the transmittance is exp(sum log(1 - a)) instead of a running product: ~1e-15 relative
     torch.testing.assert_close(out["rgb"], ref[..., :3], rtol=1e-10, atol=1e-10)
@@ -245,11 +249,12 @@ def sequential_reference(proj, opac, colors, width, height, cfg, background):
     return torch.stack(outs).reshape(C, height, width, 5)
 
 
-@pytest.mark.parametrize("stop_rule,alpha_max", [("lt", 0.99), ("le", 0.999)])
-def test_backward_matches_autograd_of_the_sequential_loop(stop_rule, alpha_max):
+@pytest.mark.parametrize("stop_rule,alpha_max,block_pairs", [("lt", 0.99, None), ("le", 0.999, 23)])
+def test_backward_matches_autograd_of_the_sequential_loop(stop_rule, alpha_max, block_pairs):
     """The hand-written reverse pass (suffix sums, alpha cap, stop rule) against autograd through the literal
     per-Gaussian loop, on a scene where many pixels saturate (so the cap and the stop rule are both hit).
-    float64 on both sides; the only difference is exp(sum log(1 - a)) against a running product: ~1e-13."""
+    float64 on both sides; the only difference is exp(sum log(1 - a)) against a running product: ~1e-13.
+    block_pairs=23 composites (and differentiates) in many ranges of whole pixels."""
     means, quats, scales, opac, colors = random_gaussians(40, 11, scale=(-2.5, -1.5), radius=0.4)
     opac = 0.5 + 0.5 * opac
     opac[:8] = 1.0
@@ -264,7 +269,7 @@ def test_backward_matches_autograd_of_the_sequential_loop(stop_rule, alpha_max):
         m, s, q, o, c = leaves
         proj = project(m, covariances(q, s), viewmats, Ks, 9, 10, cfg, opacities=o)
         if impl == "ours":
-            out = rasterize(proj, o, c, 9, 10, cfg, background=bg)
+            out = rasterize(proj, o, c, 9, 10, cfg, background=bg, block_pairs=block_pairs)
             maps = torch.cat([out["rgb"], out["alpha"], out["depth"]], -1)
         else:
             maps = sequential_reference(proj, o, c, 9, 10, cfg, bg)

@@ -293,72 +293,85 @@ class _Composite(torch.autograd.Function):
     are one sparse (CSR) product, per-splat gradients one ``scatter_add`` per attribute."""
 
     @staticmethod
-    def forward(ctx, means2d, conics, depths, opacities, colors, sid, pix, width, height, n_pix, cfg):
-        dt, dev = means2d.dtype, means2d.device
+    def forward(ctx, means2d, conics, depths, opacities, colors, sid, pix, width, height, n_pix, cfg, block):
+        dt, dev, M = means2d.dtype, means2d.device, len(sid)
         tab = torch.cat([means2d, conics, opacities[:, None]], dim=1).t().contiguous()  # (6, S)
-        mx, my, A, B, Cc, o = (row.index_select(0, sid) for row in tab)
-        # what each pair's weight multiplies: colour, 1, z, z^2 (one row gather, (M, D + 3))
-        feat = torch.cat([colors, torch.ones_like(depths)[:, None], depths[:, None], depths[:, None] ** 2], dim=1)
-        feat = feat.index_select(0, sid)
-        # pixel centres of every image pixel, gathered along the pairs' (sorted) pixel index
+        # what each pair's weight multiplies: colour, 1, z, z^2 (gathered as rows of one (S, D + 3) table)
+        feat_tab = torch.cat([colors, torch.ones_like(depths)[:, None], depths[:, None], depths[:, None] ** 2], 1)
+        # pixel centres of every image pixel
         cx = (torch.arange(width, device=dev, dtype=dt) + 0.5).repeat(n_pix // width)
         cy = (
             (torch.arange(height, device=dev, dtype=dt) + 0.5)
             .repeat_interleave(width)
             .repeat(n_pix // (width * height))
         )
-        dx = mx - cx.index_select(0, pix)
-        dy = my - cy.index_select(0, pix)
-        sigma = 0.5 * (A * dx * dx + Cc * dy * dy) + B * dx * dy
-        a_raw = o * torch.exp(-sigma)
-        alpha = a_raw.clamp_max(cfg.alpha_max)
-        # segmented transmittance: log T = cumulative sum of log(1 - alpha) within each pixel (float64: the sum
-        # runs over all pixels, each pixel's start is subtracted)
-        cs = torch.cumsum(torch.log1p(-alpha).double(), 0)
-        cs_prev = torch.empty_like(cs)  # exclusive; log T_excl(i) == log T_incl(i - 1) exactly
-        cs_prev[1:], cs_prev[:1] = cs[:-1], 0.0
         counts = torch.bincount(pix, minlength=n_pix)
         ends = torch.cumsum(counts, 0)
-        base = cs_prev.index_select(0, (ends - counts).index_select(0, pix))  # at each pixel's first pair
-        log_t_incl = cs - base  # non-increasing within a pixel, so the kept pairs are a prefix
         thr = math.log(cfg.transmittance_stop) if cfg.transmittance_stop > 0 else -math.inf
-        keep = log_t_incl > thr if cfg.stop_rule == "le" else log_t_incl >= thr
-        Tk = torch.where(keep, torch.exp((cs_prev - base).to(dt)), 0.0)  # T_i of the kept pairs, else 0
-        w = alpha * Tk
-        # per-pixel sums: the pairs are grouped by pixel, so one CSR (pixels x pairs) product sums them all
-        crow = torch.cat([ends.new_zeros(1), ends])
-        ones = torch.ones(len(sid), dtype=dt, device=dev)
-        with warnings.catch_warnings():  # "sparse CSR support is in beta"
-            warnings.simplefilter("ignore")
-            rows = torch.sparse_csr_tensor(crow, torch.arange(len(sid), device=dev), ones, (n_pix, len(sid)))
-        acc = rows @ (feat * w[:, None])
-        last = (ends - 1).clamp_min(0).index_select(0, pix)
-        ctx.save_for_backward(
-            tab, torch.cat([colors, depths[:, None]], 1).t().contiguous(), sid, pix, last, dx, dy, a_raw, alpha, Tk, w
-        )
-        ctx.alpha_max = cfg.alpha_max
-        n_kept = keep.sum()
+        acc = torch.zeros(n_pix, feat_tab.shape[1], dtype=dt, device=dev)
+        ranges, saved, n_kept = [], [], torch.zeros((), dtype=torch.long, device=dev)
+        for lo, hi in _blocks(ends, M, block):
+            s_, p_ = sid[lo:hi], pix[lo:hi]
+            mx, my, A, B, Cc, o = (row.index_select(0, s_) for row in tab)
+            dx = mx - cx.index_select(0, p_)
+            dy = my - cy.index_select(0, p_)
+            sigma = 0.5 * (A * dx * dx + Cc * dy * dy) + B * dx * dy
+            a_raw = o * torch.exp(-sigma)
+            alpha = a_raw.clamp_max(cfg.alpha_max)
+            # segmented transmittance: log T = cumulative sum of log(1 - alpha) within each pixel (float64: the
+            # sum runs over the block's pixels, each pixel's start is subtracted)
+            cs = torch.cumsum(torch.log1p(-alpha).double(), 0)
+            cs_prev = torch.empty_like(cs)  # exclusive; log T_excl(i) == log T_incl(i - 1) exactly
+            cs_prev[1:], cs_prev[:1] = cs[:-1], 0.0
+            p0, p1 = int(p_[0]), int(p_[-1]) + 1
+            e_ = ends[p0:p1] - lo  # block-local end of each of the block's pixels
+            first = (e_ - counts[p0:p1]).index_select(0, p_ - p0)
+            base = cs_prev.index_select(0, first)  # at each pixel's first pair
+            log_t_incl = cs - base  # non-increasing within a pixel, so the kept pairs are a prefix
+            keep = log_t_incl > thr if cfg.stop_rule == "le" else log_t_incl >= thr
+            Tk = torch.where(keep, torch.exp((cs_prev - base).to(dt)), 0.0)  # T_i of the kept pairs, else 0
+            w = alpha * Tk
+            # per-pixel sums: the block's pairs are grouped by pixel, so one CSR (pixels x pairs) product
+            crow = torch.cat([e_.new_zeros(1), e_])
+            with warnings.catch_warnings():  # "sparse CSR support is in beta"
+                warnings.simplefilter("ignore")
+                rows = torch.sparse_csr_tensor(
+                    crow, torch.arange(hi - lo, device=dev), torch.ones_like(w), (p1 - p0, hi - lo)
+                )
+            acc[p0:p1] = rows @ (feat_tab.index_select(0, s_) * w[:, None])
+            last = (e_ - 1).index_select(0, p_ - p0)
+            ranges.append((lo, hi))
+            saved += [last, dx, dy, a_raw, alpha, Tk, w]
+            n_kept += keep.sum()
+        # intermediates go through save_for_backward too: freed after the backward pass like autograd's own
+        ctx.save_for_backward(tab, torch.cat([colors, depths[:, None]], 1).t().contiguous(), sid, pix, *saved)
+        ctx.ranges, ctx.alpha_max = ranges, cfg.alpha_max
         ctx.mark_non_differentiable(n_kept)
         return acc, n_kept
 
     @staticmethod
     def backward(ctx, g_acc, _g_n):
         # per-pair quantities as separate contiguous rows: (M, k) layouts are slow to reduce along k on the CPU
-        tab, cz, sid, pix, last, dx, dy, a_raw, alpha, Tk, w = ctx.saved_tensors
+        tab, cz, sid, pix, *saved = ctx.saved_tensors
         D, S = cz.shape[0] - 1, tab.shape[1]
-        *col, z = (row.index_select(0, sid) for row in cz)
-        gp = [row.index_select(0, pix) for row in g_acc.t()]
-        v = gp[D] + z * (gp[D + 1] + z * gp[D + 2])  # dL/dw per pair
-        for c, gc in zip(col, gp[:D]):
-            v = v + c * gc
-        U = torch.cumsum((v * w).double(), 0)
-        after = (U.index_select(0, last) - U).to(v.dtype)  # sum of v w over the later pairs of the same pixel
-        dalpha = v * Tk - after / (1.0 - alpha)  # dropped pairs: Tk = 0 and nothing kept after them: 0
-        dsig = torch.where(a_raw <= ctx.alpha_max, dalpha * a_raw, 0.0)  # -dL/dsigma (the cap has no gradient)
-        m1, m2 = dsig * dx, dsig * dy
-        per_pair = (m1, m2, m1 * dx, m1 * dy, m2 * dy, dsig, w * (gp[D + 1] + 2.0 * z * gp[D + 2]))
-        per_pair += tuple(w * gc for gc in gp[:D])
-        m = torch.stack([v.new_zeros(S).scatter_add_(0, sid, x) for x in per_pair])  # (7 + D, S) sums per splat
+        g_rows = g_acc.t()
+        m = g_acc.new_zeros(7 + D, S)  # per splat: sums of the per-pair terms below
+        for b, (lo, hi) in enumerate(ctx.ranges):
+            last, dx, dy, a_raw, alpha, Tk, w = saved[7 * b : 7 * b + 7]
+            s_, p_ = sid[lo:hi], pix[lo:hi]
+            *col, z = (row.index_select(0, s_) for row in cz)
+            gp = [row.index_select(0, p_) for row in g_rows]
+            v = gp[D] + z * (gp[D + 1] + z * gp[D + 2])  # dL/dw per pair
+            for c, gc in zip(col, gp[:D]):
+                v = v + c * gc
+            U = torch.cumsum((v * w).double(), 0)
+            after = (U.index_select(0, last) - U).to(v.dtype)  # sum of v w over the later pairs of the same pixel
+            dalpha = v * Tk - after / (1.0 - alpha)  # dropped pairs: Tk = 0 and nothing kept after them: 0
+            dsig = torch.where(a_raw <= ctx.alpha_max, dalpha * a_raw, 0.0)  # -dL/dsigma (no gradient at the cap)
+            m1, m2 = dsig * dx, dsig * dy
+            per_pair = (m1, m2, m1 * dx, m1 * dy, m2 * dy, dsig, w * (gp[D + 1] + 2.0 * z * gp[D + 2]))
+            for k, x in enumerate(per_pair + tuple(w * gc for gc in gp[:D])):
+                m[k].scatter_add_(0, s_, x)
         A, B, Cc, o = tab[2], tab[3], tab[4], tab[5]
         # sigma is quadratic in (dx, dy) with the splat's own conic: the sums of dsig dx^a dy^b are enough
         grads = torch.stack(
@@ -374,7 +387,18 @@ class _Composite(torch.autograd.Function):
             ],
             dim=1,
         )
-        return grads[:, :2], grads[:, 2:5], grads[:, 5], grads[:, 6], grads[:, 7:], None, None, None, None, None, None
+        return (grads[:, :2], grads[:, 2:5], grads[:, 5], grads[:, 6], grads[:, 7:]) + (None,) * 7
+
+
+def _blocks(ends: Tensor, n_pairs: int, block: int) -> list[tuple[int, int]]:
+    """Cut the pixel-grouped pairs [0, n_pairs) into consecutive ranges of whole pixels, each of at most ``block``
+    pairs where one pixel allows it (so that the per-pair temporaries of a range stay in the CPU cache)."""
+    if n_pairs <= block:
+        return [(0, n_pairs)] if n_pairs else []
+    targets = torch.arange(block, n_pairs, block, device=ends.device)
+    cuts = ends.index_select(0, (torch.searchsorted(ends, targets, right=True) - 1).clamp_min(0))
+    cuts = sorted({0, n_pairs, *cuts.tolist()})
+    return list(zip(cuts[:-1], cuts[1:]))
 
 
 def rasterize(
@@ -386,9 +410,13 @@ def rasterize(
     cfg: RasterConfig,
     background: Tensor | None = None,
     chunk_pairs: int = 2**24,
+    block_pairs: int | None = None,
 ) -> dict[str, Tensor]:
     """Composite projected Gaussians front to back (module doc). The candidate (box) pixels are evaluated in
-    chunks of at most ``chunk_pairs``, which bounds the memory before the alpha filter.
+    chunks of at most ``chunk_pairs``, which bounds the memory before the alpha filter; the kept pairs are
+    composited in ranges of whole pixels of about ``block_pairs`` pairs (default: 2^16 on the CPU, where cache-sized
+    ranges measured ~1.3x faster than one range; all pairs at once on CUDA). The result does not depend on it
+    beyond float rounding.
 
     opacities (N,) in [0, 1]; colors (N, D) or (C, N, D); background (C, D) or None (black).
     Returns rgb (C, H, W, D) composited on the background, alpha, depth, expected_depth, depth_sq (C, H, W, 1),
@@ -412,6 +440,7 @@ def rasterize(
         height,
         P,
         cfg,
+        block_pairs or (2**16 if sid.device.type == "cpu" else max(1, len(sid))),
     )
     rgb, out_alpha, depth, depth_sq = acc[:, :D], acc[:, D], acc[:, D + 1], acc[:, D + 2]
     if background is not None:
