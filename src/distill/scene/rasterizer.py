@@ -177,16 +177,7 @@ def project(
     return Projection(means2d=means2d, conics=conics, depths=z, radii=radii)
 
 
-_BOX_SIDES = (
-    *range(1, 17),
-    18,
-    20,
-    22,
-    24,
-    28,
-    32,
-    *(int(2 ** (k / 4)) for k in range(21, 61)),
-)  # <= 1.2x padding per axis
+_BOX_SIDES = (1, 2, 3, 4, 6, 8, 12, 16, 24, *(int(2 ** (k / 2)) for k in range(10, 31)))  # <= 1.5x padding per axis
 # the offset (px) of a padding pixel: sigma >= lambda_min(conic) / 2 * _FAR^2 overflows no float32 and passes no test
 _FAR = 1e15
 
