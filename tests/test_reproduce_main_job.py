@@ -53,6 +53,13 @@ def test_main_job_table_and_picture(tmp_path):
     rows3 = main_job(out, 3, TINY, runs, train_missing=False)
     assert rows3[:2] == rows and rows3[2]["status"] == "not finished" and not (runs / "seed_2").exists()
     assert "\n| 2 | not finished |" in (out / "main_job_seeds.md").read_text()
+    # --name: another scene's table beside this one (docs/main_job_gaussians_seeds.*), the default files untouched
+    before = (out / "main_job_seeds.md").read_text()
+    assert main_job(out, 2, TINY, runs, train_missing=False, name="other_seeds") == rows
+    assert "--name other_seeds" in (out / "other_seeds.md").read_text() and (out / "other_seeds.png").exists()
+    with open(out / "other_seeds.csv") as f:
+        assert [t["seed"] for t in csv.DictReader(f)] == ["0", "1"]
+    assert (out / "main_job_seeds.md").read_text() == before
     # a run directory of another configuration is not mixed into the table
     with pytest.raises(ConfigError, match="another configuration"):
         main_job(out, 1, [*TINY, "trainer.max_steps=4"], runs)

@@ -1,7 +1,8 @@
 """``python -m distill.reproduce main_job``: the main job (``python train.py``) for seeds 0..N-1: a table of the
 prior's ground-truth metrics per seed with median and range (main_job_seeds.md / .csv) and all final frames
-(main_job_seeds.png). Runs resume from outputs/reproduce/main_job/seed_<k> (``--runs``); ``--set key=value`` adds
-config overrides; ``--table-only`` tabulates the finished seeds and trains none."""
+(main_job_seeds.png; ``--name`` another stem, e.g. main_job_gaussians_seeds). Runs resume from
+outputs/reproduce/main_job/seed_<k> (``--runs``); ``--set key=value`` adds config overrides; ``--table-only``
+tabulates the finished seeds and trains none."""
 
 from __future__ import annotations
 
@@ -55,7 +56,9 @@ def _same_run(saved: dict, now: dict) -> bool:
     return True
 
 
-def main_job(out: Path, seeds: int, overrides: list[str], runs: Path, train_missing: bool = True) -> list[dict]:
+def main_job(
+    out: Path, seeds: int, overrides: list[str], runs: Path, train_missing: bool = True, name: str = "main_job_seeds"
+) -> list[dict]:
     """The main job for seeds 0..seeds-1 (resumable runs in ``runs``/seed_<k>), then the table and the frames.
 
     A run directory that holds a run of another configuration is an error (delete it or pass another --runs), so a
@@ -101,30 +104,33 @@ def main_job(out: Path, seeds: int, overrides: list[str], runs: Path, train_miss
         rows.append(row)
         frames.append(iio.imread(run / "final.png"))
         print(f"seed {s}: " + ", ".join(f"{k} {row[k]}" for _, k, _ in MAIN_JOB_COLUMNS), flush=True)
-    write_main_job(out, rows, frames, overrides, seeds)
+    write_main_job(out, rows, frames, overrides, seeds, name)
     return rows
 
 
-def write_main_job(out: Path, rows: list[dict], frames: list, overrides: list[str], seeds: int) -> None:
-    """main_job_seeds.csv (one row per seed), .md (the same with median (min..max)) and .png (the final frames, one
-    seed per row, each the run's four orbit views)."""
+def write_main_job(
+    out: Path, rows: list[dict], frames: list, overrides: list[str], seeds: int, name: str = "main_job_seeds"
+) -> None:
+    """``name``.csv (one row per seed; default main_job_seeds), .md (the same with median (min..max)) and .png (the
+    final frames, one seed per row, each the run's four orbit views)."""
     import imageio.v3 as iio
 
     out.mkdir(parents=True, exist_ok=True)
     keys = ["seed", "status", *[k for _, k, _ in MAIN_JOB_COLUMNS], "load"]
-    with open(out / "main_job_seeds.csv", "w", newline="") as f:
+    with open(out / f"{name}.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
         w.writeheader()
         w.writerows(rows)
     if frames:
-        iio.imwrite(out / "main_job_seeds.png", np.concatenate([pad(f[..., :3]) for f in frames], 0))
+        iio.imwrite(out / f"{name}.png", np.concatenate([pad(f[..., :3]) for f in frames], 0))
     done = [r for r in rows if r["status"] == "finished"]
     cmd = "python -m distill.reproduce main_job --seeds " + str(seeds) + "".join(f" --set {o}" for o in overrides)
+    cmd += "" if name == "main_job_seeds" else f" --name {name}"
     lines = [
         f"`{cmd}`: the main job (`python train.py`{''.join(' ' + o for o in overrides)}) for seeds 0..{seeds - 1}. "
         + " ".join(
             [
-                "Rows of main_job_seeds.png top to bottom (four orbit views each). Ground truth from the exact prior",
+                f"Rows of {name}.png top to bottom (four orbit views each). Ground truth from the exact prior",
                 "(`Analytic3DPrior.evaluate`, trainer.eval_views orbit views at 64x64): PSNR / SSIM against the",
                 "nearest object's mean texture; mode commitment: 1 - best / second-best fit residual (~0: an even",
                 "blend of two objects); contrast vs object: the contrast the render keeps relative to the objects'",
@@ -166,5 +172,5 @@ def write_main_job(out: Path, rows: list[dict], frames: list, overrides: list[st
             )
             + ".",
         ]
-    (out / "main_job_seeds.md").write_text("\n".join(lines) + "\n")
+    (out / f"{name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
