@@ -286,7 +286,10 @@ class _Composite(torch.autograd.Function):
     @staticmethod
     def forward(ctx, means2d, conics, depths, opacities, colors, sid, pix, width, height, n_pix, cfg, block):
         dt, dev, M = means2d.dtype, means2d.device, len(sid)
-        tab = torch.cat([means2d, conics, opacities[:, None]], dim=1).t().contiguous()  # (6, S)
+        tab = torch.cat([means2d, conics, opacities[:, None]], dim=1).t().contiguous()  # (6, S), for the backward
+        # what the forward gathers per pair: mean x y, A / 2, B, C / 2, log o
+        half = torch.tensor([1.0, 1.0, 0.5, 1.0, 0.5], dtype=dt, device=dev)[:, None]
+        tab_f = torch.cat([tab[:5] * half, torch.log(tab[5:])])
         # what each pair's weight multiplies: colour, 1, z, z^2 (gathered as rows of one (S, D + 3) table)
         feat_tab = torch.cat([colors, torch.ones_like(depths)[:, None], depths[:, None], depths[:, None] ** 2], 1)
         # pixel centres of every image pixel
@@ -303,21 +306,21 @@ class _Composite(torch.autograd.Function):
         ranges, saved, n_kept = [], [], torch.zeros((), dtype=torch.long, device=dev)
         for lo, hi in _blocks(ends, M, block):
             s_, p_ = sid[lo:hi], pix[lo:hi]
-            mx, my, A, B, Cc, o = (row.index_select(0, s_) for row in tab)
+            mx, my, A2, B, C2, log_o = (row.index_select(0, s_) for row in tab_f)
             dx = mx - cx.index_select(0, p_)
             dy = my - cy.index_select(0, p_)
-            sigma = 0.5 * (A * dx * dx + Cc * dy * dy) + B * dx * dy
-            a_raw = o * torch.exp(-sigma)
+            sigma = dx * (A2 * dx + B * dy) + C2 * dy * dy  # = 1/2 (A dx^2 + C dy^2) + B dx dy
+            a_raw = torch.exp(log_o - sigma)  # o exp(-sigma)
             alpha = a_raw.clamp_max(cfg.alpha_max)
             # segmented transmittance: log T = cumulative sum of log(1 - alpha) within each pixel (float64: the
             # sum runs over the block's pixels, each pixel's start is subtracted)
-            cs = torch.cumsum(torch.log1p(-alpha).double(), 0)
+            cs = torch.cumsum(torch.log1p(-alpha), 0, dtype=torch.float64)
             cs_prev = torch.empty_like(cs)  # exclusive; log T_excl(i) == log T_incl(i - 1) exactly
             cs_prev[1:], cs_prev[:1] = cs[:-1], 0.0
             p0, p1 = int(p_[0]), int(p_[-1]) + 1
+            q = p_ - p0  # block-local pixel of each pair
             e_ = ends[p0:p1] - lo  # block-local end of each of the block's pixels
-            first = (e_ - counts[p0:p1]).index_select(0, p_ - p0)
-            base = cs_prev.index_select(0, first)  # at each pixel's first pair
+            base = cs_prev.index_select(0, e_ - counts[p0:p1]).index_select(0, q)  # at each pixel's first pair
             log_t_incl = cs - base  # non-increasing within a pixel, so the kept pairs are a prefix
             keep = log_t_incl > thr if cfg.stop_rule == "le" else log_t_incl >= thr
             Tk = torch.where(keep, torch.exp((cs_prev - base).to(dt)), 0.0)  # T_i of the kept pairs, else 0
@@ -330,7 +333,7 @@ class _Composite(torch.autograd.Function):
                     crow, torch.arange(hi - lo, device=dev), torch.ones_like(w), (p1 - p0, hi - lo)
                 )
             acc[p0:p1] = rows @ (feat_tab.index_select(0, s_) * w[:, None])
-            last = (e_ - 1).index_select(0, p_ - p0)
+            last = (e_ - 1).index_select(0, q)
             ranges.append((lo, hi))
             saved += [last, dx, dy, a_raw, alpha, Tk, w]
             n_kept += keep.sum()
@@ -355,7 +358,7 @@ class _Composite(torch.autograd.Function):
             v = gp[D] + z * (gp[D + 1] + z * gp[D + 2])  # dL/dw per pair
             for c, gc in zip(col, gp[:D]):
                 v = v + c * gc
-            U = torch.cumsum((v * w).double(), 0)
+            U = torch.cumsum(v * w, 0, dtype=torch.float64)
             after = (U.index_select(0, last) - U).to(v.dtype)  # sum of v w over the later pairs of the same pixel
             dalpha = v * Tk - after / (1.0 - alpha)  # dropped pairs: Tk = 0 and nothing kept after them: 0
             dsig = torch.where(a_raw <= ctx.alpha_max, dalpha * a_raw, 0.0)  # -dL/dsigma (no gradient at the cap)
