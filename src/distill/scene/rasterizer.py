@@ -200,11 +200,12 @@ def _pairs(
     order = torch.argsort(proj.depths.detach(), dim=1)  # depth order per camera
     splat = (order + torch.arange(C, device=dev)[:, None] * N).reshape(-1)
     r = proj.radii.reshape(-1, 2).index_select(0, splat)
-    splat = splat[r[:, 0] > 0]  # visible splats, camera-major, then by depth: their position is the depth rank
+    visible = r[:, 0] > 0
+    splat = splat[visible]  # visible splats, camera-major, then by depth: their position is the depth rank
     V = len(splat)
     if V == 0:
         return e, e
-    r = proj.radii.reshape(-1, 2).index_select(0, splat).to(dt)
+    r = r[visible].to(dt)
     m2 = proj.means2d.detach().reshape(-1, 2).index_select(0, splat)
     con = proj.conics.detach().reshape(-1, 3).index_select(0, splat)
     o = opacities.detach().to(dt)[None].expand(C, N).reshape(-1).index_select(0, splat)
@@ -280,8 +281,9 @@ class _Composite(torch.autograd.Function):
         sigma = 1/2 (A dx^2 + C dy^2) + B dx dy, dx = mu_x - p_x:  dsigma/dmu = (A dx + B dy, C dy + B dx),
             dsigma/d(A, B, C) = (dx^2 / 2, dx dy, dy^2 / 2)
         dL/dc_i = w_i g_rgb,  dL/dz_i = w_i (g_z + 2 z_i g_z2)
-    The suffix sums are one float64 cumulative sum over all pairs, read at each pixel's last pair. Per-pixel sums
-    are one sparse (CSR) product, per-splat gradients one ``scatter_add`` per attribute."""
+    The pairs are processed in ranges of whole pixels (``_blocks``); in each, the prefix and suffix sums are one
+    float64 cumulative sum read at each pixel's first / last pair, the per-pixel sums one sparse (CSR) product, and
+    the per-splat gradients one ``scatter_add`` per attribute."""
 
     @staticmethod
     def forward(ctx, means2d, conics, depths, opacities, colors, sid, pix, width, height, n_pix, cfg, block):
