@@ -32,15 +32,19 @@ def _fields(schema: type) -> list[str]:
 
 def as_dataclass(node: Any, schema: type[T]) -> T:
     """A component's own config from None (the defaults), an instance of ``schema``, or a dict / DictConfig node
-    (``_target_`` dropped): what a scene's constructor accepts when it is built from Python or by Hydra's
-    ``_target_``. ``typed`` is the checked path the trainer runs first, with errors that name the key."""
+    (``_target_`` dropped), validated by ``schema.validate()``: what a scene's constructor accepts when it is built
+    from Python or by Hydra's ``_target_``. ``typed`` is the checked path the trainer runs first, with errors that
+    name the key."""
     if node is None:
-        return schema()
-    if isinstance(node, schema):
-        return node
-    node = OmegaConf.create(node) if isinstance(node, dict) else node
-    node = OmegaConf.masked_copy(node, [k for k in node.keys() if k != "_target_"]) if "_target_" in node else node
-    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), node))
+        cfg = schema()
+    elif isinstance(node, schema):
+        cfg = node
+    else:
+        node = OmegaConf.create(node) if isinstance(node, dict) else node
+        node = OmegaConf.masked_copy(node, [k for k in node.keys() if k != "_target_"]) if "_target_" in node else node
+        cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), node))
+    cfg.validate()
+    return cfg
 
 
 def typed(node: Any, schema: type[T], where: str) -> T:

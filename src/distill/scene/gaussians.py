@@ -160,8 +160,7 @@ class GaussianScene(nn.Module):
 
     def __init__(self, cfg: GaussianScene.Config | dict | None = None):
         super().__init__()
-        cfg = as_dataclass(cfg, GaussianScene.Config)
-        cfg.validate()
+        cfg = as_dataclass(cfg, GaussianScene.Config)  # validated
         self.cfg = cfg
         gen = torch.Generator().manual_seed(cfg.seed)
         n = cfg.n_init

@@ -261,8 +261,7 @@ class NeRFScene(nn.Module):
 
     def __init__(self, cfg: NeRFScene.Config | dict | None = None):
         super().__init__()
-        cfg = as_dataclass(cfg, NeRFScene.Config)
-        cfg.validate()
+        cfg = as_dataclass(cfg, NeRFScene.Config)  # validated
         self.cfg = cfg
         gen = torch.Generator().manual_seed(cfg.seed)
         self.encoding = HashGrid(cfg.encoding, generator=gen)
