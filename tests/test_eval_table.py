@@ -194,7 +194,7 @@ def test_aggregate_numbers(sweep):
     assert [g.label for g in agg.groups] == ["SDS 10k", "SDI 10k", "SDI 500"]
 
     sds = _group(agg, "SDS 10k")
-    assert sds.counts == {"finished": 2, "diverged": 3, "running": 1, "missing": 1, "failed": 2}
+    assert sds.counts == {"finished": 2, "diverged": 3, "running": 1, "interrupted": 0, "missing": 1, "failed": 2}
     reasons = sorted(r.state.reason for r in sds.runs if r.state.diverged)
     assert reasons == ["empty", "nan", "oom"]
     assert sds.div_pct == pytest.approx(100 * 3 / 5)

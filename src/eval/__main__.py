@@ -7,8 +7,12 @@
     python -m eval figure outputs/sweep [--wandb]              # eval/figure.png|pdf|json
     python -m eval report outputs/sweep                        # eval/report.html (one offline file)
 
-Every command takes one run directory or a sweep directory (runs at any depth). Exit status:
-0 all good, 1 some run failed to render/score (the others are done), 2 bad arguments / not a run.
+Every command takes one run directory or a sweep directory (runs at any depth). On a sweep directory that
+records launches (``<sweep>/launches/<id>/manifest.json``, one per ``python train.py -m ...``), table, figure,
+report and all cover the latest launch's runs and say which launch on one line; ``--launch ID`` picks one
+(an id or a unique prefix), ``--launch all`` pools every run under the directory, each labelled with its
+launch. Exit status: 0 all good, 1 some run failed to render/score (the others are done), 2 bad arguments /
+not a run.
 """
 
 from __future__ import annotations
@@ -82,7 +86,30 @@ def _add_score_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-render", action="store_true", help="do not render runs whose views are missing")
 
 
+def _add_launch_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--launch",
+        default=None,
+        metavar="ID|latest|all",
+        help="on a sweep directory with recorded launches: the launch whose runs to evaluate (default latest; "
+        "an id or a unique prefix of one, as listed in <sweep>/launches/), or all (pool every run under the "
+        "directory, each labelled with its launch)",
+    )
+
+
+def _selection(args: argparse.Namespace):
+    """The runs the command covers (``eval.launches.select``); prints the one line saying which launch."""
+    from eval.launches import select
+
+    find_runs(args.path)  # fail fast on a bad path, with the usual message
+    sel = select(args.path, getattr(args, "launch", None))
+    if sel.mode != "none":
+        print(sel.describe())
+    return sel
+
+
 def _add_table_options(p: argparse.ArgumentParser) -> None:
+    _add_launch_option(p)
     g = p.add_argument_group("table")
     g.add_argument("--out", type=Path, default=None, help="output directory (default PATH/eval)")
     g.add_argument(
@@ -100,6 +127,7 @@ def _add_figure_options(p: argparse.ArgumentParser, report: bool = False) -> Non
     p.add_argument("--out", type=Path, default=None, help="output directory (default PATH/eval)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
     p.add_argument("--overwrite", action="store_true", help="render the cached views / turntables again")
+    _add_launch_option(p)
     g = p.add_argument_group("figure")
     g.add_argument("--view-size", type=int, default=160, help="pixels per view in the figure (default 160)")
     g.add_argument("--shading", default="auto", help="shading of the views, as for render (default auto)")
@@ -198,6 +226,8 @@ def cmd_render(args: argparse.Namespace) -> int:
 
 def cmd_score(args: argparse.Namespace) -> int:
     runs = find_runs(args.path)  # fail fast, before importing torch / loading CLIP
+    if getattr(args, "selection", None) is not None and args.selection.runs is not None:
+        runs = [r for r in args.selection.runs if (r / "config.yaml").is_file()]  # `all`: the launch's runs
     opts = _render_opts(args)
     from eval.metrics import ClipEvaluator
     from eval.render import resolve_device
@@ -234,7 +264,8 @@ def cmd_score(args: argparse.Namespace) -> int:
 def cmd_table(args: argparse.Namespace) -> int:
     from eval.table import aggregate, load_expected_prompts, log_wandb, to_markdown, write_tables
 
-    agg = aggregate(args.path, load_expected_prompts(args.prompts))
+    sel = getattr(args, "selection", None) or _selection(args)
+    agg = aggregate(args.path, load_expected_prompts(args.prompts), selection=sel)
     out = args.out or (Path(args.path) / "eval")
     files = write_tables(agg, out, paper=not args.no_paper)
     print(to_markdown(agg, paper=not args.no_paper))
@@ -271,10 +302,12 @@ def _view_opts(args: argparse.Namespace):
 
 
 def cmd_figure(args: argparse.Namespace) -> int:
-    find_runs(args.path)  # fail fast on a bad path
+    sel = _selection(args)  # fail fast on a bad path or launch
     from eval.figure import log_wandb_figure, make_figure
 
-    fig = make_figure(args.path, args.out, _view_opts(args), device=args.device, overwrite=args.overwrite)
+    fig = make_figure(
+        args.path, args.out, _view_opts(args), device=args.device, overwrite=args.overwrite, selection=sel
+    )
     d = fig.data
     states: dict[str, int] = {}
     for c in d["cells"]:
@@ -292,17 +325,24 @@ def cmd_figure(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    find_runs(args.path)
+    sel = _selection(args)
     from eval.report import build_report
 
     path = build_report(
-        args.path, args.out, _view_opts(args), device=args.device, overwrite=args.overwrite, paper=not args.no_paper
+        args.path,
+        args.out,
+        _view_opts(args),
+        device=args.device,
+        overwrite=args.overwrite,
+        paper=not args.no_paper,
+        selection=sel,
     )
     print(f"report: {path} ({path.stat().st_size / 1e6:.1f} MB, self-contained; open it in a browser)")
     return 0
 
 
 def cmd_all(args: argparse.Namespace) -> int:
+    args.selection = _selection(args)
     code = cmd_score(args)  # renders what is missing
     return max(code, cmd_table(args))
 

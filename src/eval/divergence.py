@@ -15,8 +15,9 @@ Run states used by ``table``:
     finished  trained to the end, not diverged            -> quality columns, time, memory
     diverged  nan / oom / empty volume                    -> counted in Div.%
     running   metrics.json says running (half-finished)    -> listed, not counted
+    interrupted  stopped by a signal (status interrupted)  -> listed with the signal and step, not counted
     missing   config.yaml but no metrics.json              -> listed, not counted
-    failed    crashed for another reason (status failed)   -> listed, not counted
+    failed    crashed or refused its input (status failed) -> listed with the reason, not counted
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from typing import Any
 EMPTY_OPACITY_THRESHOLD = 0.01
 EMPTY_VIEW_FRACTION = 0.5
 DIVERGED_REASONS = ("nan", "oom", "empty")
-STATES = ("finished", "diverged", "running", "missing", "failed")
+STATES = ("finished", "diverged", "running", "interrupted", "missing", "failed")
 
 
 def empty_views(mean_opacity: Sequence[float], opacity_threshold: float = EMPTY_OPACITY_THRESHOLD) -> list[bool]:
@@ -60,6 +61,14 @@ class RunState:
         return self.state == "diverged"
 
 
+def failure_reason(metrics: dict[str, Any]) -> str:
+    """One line: metrics.json ``reason`` (or the last line of ``error``), with the exit code and stage if given."""
+    text = metrics.get("reason") or metrics.get("error")
+    line = str(text).strip().splitlines()[-1] if text and str(text).strip() else "status failed, no reason recorded"
+    extra = [f"{k} {metrics[k]}" for k in ("stage", "exit_code") if metrics.get(k) not in (None, "")]
+    return f"{line} ({', '.join(extra).replace('exit_code', 'exit code')})" if extra else line
+
+
 def classify(
     metrics: dict[str, Any] | None, render: dict[str, Any] | None = None, metrics_error: str | None = None
 ) -> RunState:
@@ -75,9 +84,11 @@ def classify(
     if status == "failed":
         if reason in ("nan", "oom"):
             return RunState("diverged", reason)
-        err = metrics.get("error")
-        last = str(err).strip().splitlines()[-1] if err else None
-        return RunState("failed", last or "status failed")
+        return RunState("failed", failure_reason(metrics))
+    if status == "interrupted":
+        steps, sig = metrics.get("steps"), metrics.get("signal")
+        where = f"at step {steps}" + (f"/{metrics['max_steps']}" if metrics.get("max_steps") is not None else "")
+        return RunState("interrupted", f"{sig or 'signal'} {where}" if steps is not None else str(sig or "signal"))
     if status == "running":
         steps, max_steps = metrics.get("steps"), metrics.get("max_steps")
         where = f"step {steps}/{max_steps}" if steps is not None else None

@@ -3,7 +3,9 @@
     <out>/figure.png, figure.pdf   the grid (matplotlib); a cell holds the run's fixed views (front, side,
                                    back; ``eval.views``) or, for a 2D scene, its final image
     <out>/figure.json              the sidecar: image size, the column and row labels, and per cell the run
-                                   (path relative to the sweep), its state and the cell's pixel box
+                                   (path relative to the sweep), its state and the cell's pixel box; ``launch``:
+                                   the launch id the runs come from, ``all`` when pooled (then ``launch`` is
+                                   the first column axis), null for a directory without launches
 
 Layout in pixels (``dpi`` 100, so one view pixel is one image pixel): a margin on the left for the
 prompts, one on top for the column labels (and the view names), cells ``n_views * size`` wide with
@@ -23,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from eval.launches import Selection
 from eval.runs import EvalError
 from eval.sweep import SweepGrid, sweep_grid
 from eval.table import aggregate
@@ -84,6 +87,12 @@ def _wrap(text: str, px: int, char_px: float = 6.5) -> str:
     return "\n".join(textwrap.wrap(text, max(8, int(px / char_px))) or [text])
 
 
+def _launch_of(sel: Selection | None) -> str | None:
+    if sel is None or sel.mode == "none":
+        return None
+    return sel.launch.id if sel.mode == "one" and sel.launch is not None else "all"
+
+
 def make_figure(
     root: Path | str,
     out_dir: Path | str | None = None,
@@ -93,13 +102,15 @@ def make_figure(
     overwrite: bool = False,
     grid: SweepGrid | None = None,
     load_scene: Any = None,
+    selection: Selection | None = None,
 ) -> Figure:
-    """Render the figure of the run or sweep at ``root`` into ``out_dir`` (default ``root/eval``)."""
+    """Render the figure of the run or sweep at ``root`` into ``out_dir`` (default ``root/eval``); ``selection``
+    (``eval.launches.select``): which launch's runs (default: every run under ``root``)."""
     from matplotlib.figure import Figure as MplFigure
 
     root = Path(root)
     opts, lay = opts or ViewOptions(), layout or FigureLayout()
-    grid = grid or sweep_grid(aggregate(root))
+    grid = grid or sweep_grid(aggregate(root, selection=selection))
     out = Path(out_dir) if out_dir else root / "eval"
     out.mkdir(parents=True, exist_ok=True)
     if not grid.rows or not grid.columns:
@@ -195,7 +206,9 @@ def make_figure(
                 xv = x0 + k * (size + lay.gap) + size / 2
                 fig.text(xv / W, 1 - (top - 3) / H, name, ha="center", va="bottom", fontsize=7, color="0.35")
     axes = " x ".join(a.key for a in grid.column_axes) or "method"
-    caption = f"{root.name}: columns {axes} (sweep order), rows prompts; red frame = diverged"
+    launch = _launch_of(grid.selection)
+    which = f" (launch {launch})" if launch and launch != "all" else (" (all launches pooled)" if launch else "")
+    caption = f"{root.name}{which}: columns {axes} (sweep order), rows prompts; red frame = diverged"
     fig.text(6 / W, 6 / H, caption, ha="left", va="bottom", fontsize=7, color="0.35")
 
     png, pdf, side = out / "figure.png", out / "figure.pdf", out / "figure.json"
@@ -209,6 +222,7 @@ def make_figure(
         "width": W,
         "height": H,
         "source": grid.source,
+        "launch": _launch_of(grid.selection),
         "column_axes": [a.key for a in grid.column_axes],
         "row_axes": [a.key for a in grid.row_axes],
         "views": names if n_views > 1 or names == [IMAGE_VIEW] else names[:1],

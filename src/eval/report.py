@@ -23,7 +23,9 @@ from pathlib import Path
 from typing import Any
 
 from eval.curves import Series, plot_quantity, quantities, read_scalars
+from eval.divergence import STATES
 from eval.figure import make_figure
+from eval.launches import Selection
 from eval.sweep import SweepGrid, sweep_grid
 from eval.table import MAIN_COLUMNS, Aggregate, RunRecord, aggregate, gt_rows, main_rows, run_lists
 from eval.table.cells import rel_path
@@ -40,7 +42,7 @@ th{background:#f3f3f3}td.l,th.l{text-align:left}.scroll{overflow-x:auto}
 td.wrap{white-space:normal;word-break:break-all;min-width:18em;font-size:.9em}
 tr.paper td{color:#555;background:#fafafa;font-style:italic}
 tr.diverged td{background:#fde8e8}tr.diverged td.state{color:#b00;font-weight:bold}
-tr.running td,tr.missing td,tr.failed td{background:#fff6df}
+tr.running td,tr.interrupted td,tr.missing td,tr.failed td{background:#fff6df}
 img.figure{max-width:100%;height:auto;border:1px solid #eee}
 .cards{display:flex;flex-wrap:wrap;gap:.8em}
 .card{border:1px solid #ddd;padding:.4em;font-size:.8em;width:200px;overflow-wrap:anywhere}
@@ -103,8 +105,9 @@ def _fmt(x: Any, spec: str) -> str:
     return "-" if x is None else format(x, spec)
 
 
-def _runs_table(entries: list[RunEntry], root: Path, out: Path) -> str:
+def _runs_table(entries: list[RunEntry], root: Path, out: Path, pooled: bool = False) -> str:
     cols = ["Column", "Prompt", "Run", "State", "Reason", "Steps", "Time (s)", "Peak memory (MB)", "Device"]
+    cols += ["Launch"] if pooled else []
     rows, classes = [], []
     for e in entries:
         m = e.record.info.metrics or {}
@@ -123,6 +126,7 @@ def _runs_table(entries: list[RunEntry], root: Path, out: Path) -> str:
                 _fmt(m.get("peak_memory_mb"), ".0f"),
                 _e(m.get("device") or "-"),
             ]
+            + ([_e(e.record.launch or "-")] if pooled else [])
         )
         classes.append(e.record.state.state)
     return _table(cols, rows, left=3, classes=classes)
@@ -208,6 +212,14 @@ def _table61(agg: Aggregate, paper: bool) -> str:
     return "".join(parts)
 
 
+def _launch_html(agg: Aggregate) -> str:
+    if agg.selection is None or agg.selection.mode == "none":
+        return ""
+    from eval.table.markdown import launch_line
+
+    return f" {_e(launch_line(agg).replace('`', ''))}."
+
+
 def build_report(
     root: Path | str,
     out_dir: Path | str | None = None,
@@ -216,27 +228,31 @@ def build_report(
     overwrite: bool = False,
     paper: bool = True,
     load_scene: Any = None,
+    selection: Selection | None = None,
 ) -> Path:
-    """Write ``report.html`` (and the figure beside it) for the run or sweep at ``root``; returns its path."""
+    """Write ``report.html`` (and the figure beside it) for the run or sweep at ``root``; returns its path.
+    ``selection`` (``eval.launches.select``): which launch's runs (default: every run under ``root``)."""
     root = Path(root)
     out = Path(out_dir) if out_dir else root / "eval"
     out.mkdir(parents=True, exist_ok=True)
     opts = opts or ViewOptions()
-    agg = aggregate(root)
+    agg = aggregate(root, selection=selection)
     grid = sweep_grid(agg)
     fig = make_figure(root, out, opts, device=device, overwrite=overwrite, grid=grid, load_scene=load_scene)
     entries = run_entries(grid)
-    counts = {s: len(agg.by_state(s)) for s in ("finished", "diverged", "running", "missing", "failed")}
+    counts = {s: len(agg.by_state(s)) for s in STATES}
     curves, n_plots = _curves(entries, grid)
     lists = run_lists(agg)
     left_out = "".join(
         f"<p><b>{_e(title)}</b></p><ul>{''.join(f'<li>{_e(x)}</li>' for x in items)}</ul>" for title, items in lists
     )
     axes = ", ".join(a.key for a in grid.column_axes) or "method"
+    launch_html = _launch_html(agg)
     body = f"""
 <h1>Sweep report: {_e(root.name)}</h1>
 <p class="muted">{_e(root)}; written {_e(time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()))} by
-<code>python -m eval report</code>. Runs: {len(agg.records)} ({_e(", ".join(f"{v} {k}" for k, v in counts.items()))}{
+<code>python -m eval report</code>.{launch_html}
+Runs: {len(agg.records)} ({_e(", ".join(f"{v} {k}" for k, v in counts.items()))}{
         f", {len(agg.broken)} unreadable" if agg.broken else ""
     }). Columns: {_e(axes)} ({len(grid.columns)}), rows: prompts
 ({len(grid.rows)}).</p>
@@ -253,7 +269,7 @@ in which cell)</p>
 <img class="figure" src="{data_uri(fig.png)}" alt="figure of {_e(root.name)}" width="{fig.data["width"]}"
 height="{fig.data["height"]}">
 <h2 id="runs">Runs: time, memory, divergence</h2>
-{_runs_table(entries, root, out)}
+{_runs_table(entries, root, out, pooled=agg.selection is not None and agg.selection.mode == "all")}
 <h2 id="turntables">Turntables</h2>
 {_turntables(entries, root, opts, device, overwrite, load_scene)}
 <h2 id="curves">Training curves ({n_plots} quantities, scalars.csv)</h2>

@@ -39,7 +39,7 @@ _SKIP_DIRS = {"checkpoints", "eval", "images", "wandb", "__pycache__", "node_mod
 DEFAULT_CLIP_MODEL = "openai/clip-vit-base-patch16"
 
 # trainer statuses of metrics.json
-STATUSES = ("running", "finished", "diverged", "failed")
+STATUSES = ("running", "finished", "diverged", "failed", "interrupted")
 
 
 class EvalError(RuntimeError):

@@ -11,7 +11,11 @@ both sides go through Hydra's override parser, so ``1e30`` and ``1e+30``, ``'a c
                labelled as the paper labels it (``eval.labels``); a column without any run stays, empty
 
 Without ``multirun.yaml`` (a single run, runs not launched by a Hydra multirun) the columns are the runs'
-methods in order of appearance. No torch import here.
+methods in order of appearance.
+
+Launches (``eval.launches``): the grid of one launch uses that launch's own ``launches/<id>/multirun.yaml``;
+pooled launches (``--launch all``) put each launch's grid side by side, the launch the outermost column axis
+(``launch``, each column labelled with its launch id), rows shared. No torch import here.
 """
 
 from __future__ import annotations
@@ -59,7 +63,8 @@ class SweepGrid:
     cells: dict[tuple[int, int], RunRecord] = field(default_factory=dict)  # (row, col) -> run
     duplicates: dict[tuple[int, int], list[RunRecord]] = field(default_factory=dict)  # more runs for one cell
     unplaced: list[RunRecord] = field(default_factory=list)  # values outside the sweep's grid
-    source: str = MULTIRUN  # multirun.yaml | methods
+    source: str = MULTIRUN  # multirun.yaml | methods | launches (pooled)
+    selection: Any = None  # the eval.launches.Selection the runs come from (None: every run under root)
 
     def cell(self, row: int, col: int) -> RunRecord | None:
         return self.cells.get((row, col))
@@ -109,9 +114,10 @@ def _read_yaml(path: Path) -> Any:
         return None
 
 
-def sweep_axes(root: Path) -> list[Axis] | None:
-    """The swept axes of ``root/multirun.yaml`` in Hydra's order, or None without a readable one."""
-    data = _read_yaml(Path(root) / MULTIRUN)
+def sweep_axes(root: Path, multirun: Path | None = None) -> list[Axis] | None:
+    """The swept axes of ``multirun`` (default ``root/multirun.yaml``) in Hydra's order, or None without a
+    readable one."""
+    data = _read_yaml(Path(multirun) if multirun else Path(root) / MULTIRUN)
     if not isinstance(data, dict):
         return None
     hydra = data.get("hydra") or {}
@@ -142,8 +148,18 @@ def _row_label(prompt: str | None, seed: Any, with_seed: bool) -> str:
 def sweep_grid(agg: Aggregate) -> SweepGrid:
     """Place every run of ``agg`` (see the module docstring); never raises for a damaged run."""
     root = Path(agg.root)
-    records = sorted(agg.records, key=lambda r: natural_key(str(r.path)))
-    axes = sweep_axes(root) if not (root / "config.yaml").is_file() else None
+    sel = agg.selection
+    if sel is not None and sel.mode == "all":
+        grid = _pooled_grid(agg)
+    else:
+        grid = _grid(root, agg.records, sel.multirun if sel is not None else None)
+    grid.selection = sel
+    return grid
+
+
+def _grid(root: Path, records: list[RunRecord], multirun: Path | None) -> SweepGrid:
+    records = sorted(records, key=lambda r: natural_key(str(r.path)))
+    axes = sweep_axes(root, multirun) if not (root / "config.yaml").is_file() else None
     per_run = {r.path: run_values(r.path) for r in records} if axes is not None else {}
     if axes is not None and records and all(v is None for v in per_run.values()):
         axes = None  # multirun.yaml but no run says which job it was
@@ -204,3 +220,51 @@ def _grid_by_method(root: Path, records: list[RunRecord]) -> SweepGrid:
     for r in records:
         _put(grid, prompts.index(r.info.prompt), methods.index(r.info.method), r)
     return grid
+
+
+def _pooled_grid(agg: Aggregate) -> SweepGrid:
+    """Each launch's grid (its own multirun.yaml) side by side, then the runs without a launch record; the launch
+    is the first column axis, rows are merged by (prompt, seed)."""
+    from eval.launches import NO_LAUNCH
+
+    root = Path(agg.root)
+    sel = agg.selection
+    assert sel is not None
+    parts: list[tuple[str, SweepGrid]] = []
+    for la in sel.launches:
+        recs = [r for r in agg.records if la.id in (r.launch or "").split(",")]
+        if recs:
+            parts.append((la.id, _grid(root, recs, la.multirun if la.multirun.is_file() else None)))
+    free = [r for r in agg.records if (r.launch or NO_LAUNCH) == NO_LAUNCH]
+    if free:
+        parts.append((NO_LAUNCH, _grid(root, free, None)))
+    keys = unique(a.key for _, g in parts for a in g.column_axes)
+    col_axes = [Axis("launch", [lid for lid, _ in parts])] + [
+        Axis(k, unique(v for _, g in parts for a in g.column_axes if a.key == k for v in a.values)) for k in keys
+    ]
+    row_axes = [
+        Axis(k, unique(v for _, g in parts for a in g.row_axes if a.key == k for v in a.values))
+        for k in unique(a.key for _, g in parts for a in g.row_axes)
+    ]
+    with_seed = any(a.key == "seed" for a in row_axes)
+    row_keys = unique((row.prompt, row.seed if with_seed else None) for _, g in parts for row in g.rows)
+    rows = [Row(p, s, _row_label(p, s, with_seed and s is not None)) for p, s in row_keys]
+    row_index = {k: i for i, k in enumerate(row_keys)}
+    columns: list[Column] = []
+    pooled = SweepGrid(root, col_axes, row_axes, columns, rows)
+    pooled.source = "launches"
+    for lid, g in parts:
+        names = [a.key for a in g.column_axes]
+        offset = len(columns)
+        for col in g.columns:
+            vals = dict(zip(names, col.values))
+            columns.append(Column((lid, *(vals.get(k, "") for k in keys)), f"{lid}: {col.label}"))
+        for (r, c), rec in g.cells.items():
+            row = g.rows[r]
+            _put(pooled, row_index[(row.prompt, row.seed if with_seed else None)], offset + c, rec)
+        for (r, c), recs in g.duplicates.items():
+            row = g.rows[r]
+            for rec in recs:
+                _put(pooled, row_index[(row.prompt, row.seed if with_seed else None)], offset + c, rec)
+        pooled.unplaced += g.unplaced
+    return pooled

@@ -11,8 +11,8 @@ Per group of runs (method label, trainer.max_steps, prior, scene):
     ground truth (analytic prior)    mean +- std over finished runs of each numeric metrics.json entry
                                      that is not bookkeeping (psnr, ssim, texture_realism, ...)
 
-Runs still running, missing (no metrics.json) and failed for other reasons are counted and listed,
-never averaged.
+Runs still running, interrupted, missing (no metrics.json) and failed (with their reason) are counted and
+listed, never averaged.
 """
 
 from __future__ import annotations
@@ -22,11 +22,14 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from eval.divergence import RunState, classify
+from eval.divergence import STATES, RunState, classify
 from eval.runs import METRICS, RunInfo, find_runs, load_run, natural_key, steps_label, unique
 from eval.table.paper import PAPER_ORDER, method_display, paper_key
+
+if TYPE_CHECKING:
+    from eval.launches import Selection
 
 IQA_NAMES = ("quality", "sharpness", "real")
 
@@ -74,6 +77,7 @@ def _num(x: Any) -> float | None:
 class RunRecord:
     info: RunInfo
     state: RunState
+    launch: str | None = None  # the launch id(s) the run belongs to (``eval.launches``); None without launches
 
     @property
     def path(self) -> Path:
@@ -119,7 +123,7 @@ class Group:
 
     @property
     def counts(self) -> dict[str, int]:
-        return {s: self.count(s) for s in ("finished", "diverged", "running", "missing", "failed")}
+        return {s: self.count(s) for s in STATES}
 
     @property
     def ended(self) -> int:
@@ -199,6 +203,7 @@ class Aggregate:
     broken: list[Path] = field(default_factory=list)  # metrics/checkpoint but no config.yaml
     absent: dict[str, list[str]] = field(default_factory=dict)  # group label -> prompts with no run
     expected_prompts: list[str] | None = None
+    selection: Selection | None = None  # which launch(es) the runs come from (None: every run under root)
 
     @property
     def records(self) -> list[RunRecord]:
@@ -231,10 +236,16 @@ def _group_sort_key(g: Group) -> tuple:
     )
 
 
-def aggregate(root: Path | str, prompts: Sequence[str] | None = None) -> Aggregate:
-    """Read every run under ``root`` (a run or a sweep) and group them; never raises for a damaged run."""
+def aggregate(root: Path | str, prompts: Sequence[str] | None = None, selection: Selection | None = None) -> Aggregate:
+    """Read the runs under ``root`` (a run or a sweep) and group them; never raises for a damaged run.
+
+    ``selection`` (``eval.launches.select``) restricts them to one launch's runs or labels each with its launch;
+    without one, every run under ``root``."""
     root = Path(root)
-    paths = find_runs(root, include_broken=True)
+    if selection is not None and selection.runs is not None:
+        paths = sorted(selection.runs)
+    else:
+        paths = find_runs(root, include_broken=True)
     groups: dict[tuple, Group] = {}
     broken: list[Path] = []
     for p in paths:
@@ -244,11 +255,18 @@ def aggregate(root: Path | str, prompts: Sequence[str] | None = None) -> Aggrega
             continue
         metrics_err = next((e for e in info.problems if METRICS in e), None)
         state = classify(info.metrics, info.render, metrics_err)
+        job = selection.job(p) if selection is not None and info.metrics is None and not metrics_err else None
+        if job is not None and job.get("status") == "failed":  # no metrics.json: the launch's record says why
+            state = RunState("failed", str(job.get("reason") or "the job failed (no metrics.json)"))
         key = (info.method, info.max_steps, info.prior, info.scene)
         g = groups.get(key) or groups.setdefault(key, Group(*key))
-        g.runs.append(RunRecord(info, state))
+        g.runs.append(RunRecord(info, state, selection.label(p) if selection is not None else None))
     agg = Aggregate(
-        root, sorted(groups.values(), key=_group_sort_key), broken, expected_prompts=list(prompts) if prompts else None
+        root,
+        sorted(groups.values(), key=_group_sort_key),
+        broken,
+        expected_prompts=list(prompts) if prompts else None,
+        selection=selection,
     )
     if prompts:
         for g in agg.groups:

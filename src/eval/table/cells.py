@@ -36,7 +36,7 @@ def fmt_pct(p: float | None) -> str:
 
 def _excluded(g: Group) -> str:
     c = g.counts
-    parts = [f"{c[s]} {s}" for s in ("running", "missing", "failed") if c[s]]
+    parts = [f"{c[s]} {s}" for s in ("running", "interrupted", "missing", "failed") if c[s]]
     if g.unscored:
         parts.append(f"{len(g.unscored)} unscored")
     return ", ".join(parts) if parts else "-"
@@ -139,6 +139,18 @@ def rel_path(p: Path, root: Path) -> str:
         return str(p)
 
 
+def _broken_line(p: Path, root: Path) -> str:
+    """A run without a readable config.yaml, with the status and reason of its metrics.json when it has one."""
+    from eval.divergence import classify
+    from eval.runs import METRICS, read_json
+
+    metrics, err = read_json(p / METRICS)
+    if metrics is None:
+        return rel_path(p, root) + (f" ({err})" if err else "")
+    st = classify(metrics)
+    return f"{rel_path(p, root)} ({st.state}{': ' + st.reason if st.reason else ''})"
+
+
 def run_lists(agg: Aggregate) -> list[tuple[str, list[str]]]:
     """(title, lines) for diverged / running / missing / failed / unscored / broken runs."""
     root = agg.root
@@ -146,6 +158,7 @@ def run_lists(agg: Aggregate) -> list[tuple[str, list[str]]]:
     for state, title in (
         ("diverged", "Diverged"),
         ("running", "Half-finished (status running)"),
+        ("interrupted", "Interrupted (re-launch the same command to resume)"),
         ("missing", "Missing (no metrics.json)"),
         ("failed", "Failed (not counted as diverged)"),
     ):
@@ -168,7 +181,19 @@ def run_lists(agg: Aggregate) -> list[tuple[str, list[str]]]:
         out.append(
             (
                 f"Not readable as runs (metrics.json or checkpoint without a readable config.yaml): {len(agg.broken)}",
-                [rel_path(p, root) for p in agg.broken],
+                [_broken_line(p, root) for p in agg.broken],
+            )
+        )
+    sel = agg.selection
+    if sel is not None and sel.jobs_without_run:
+        out.append(
+            (
+                f"Jobs of the launch that left no run (no config.yaml / metrics.json): {len(sel.jobs_without_run)}",
+                [
+                    f"{j.get('run_dir') or '(no run directory)'} [launch {lid}, job {j.get('num')}] "
+                    f"{j.get('status') or ''}{': ' + str(j['reason']) if j.get('reason') else ''}".rstrip()
+                    for lid, j in sel.jobs_without_run
+                ],
             )
         )
     for label, prompts in agg.absent.items():

@@ -28,6 +28,7 @@ def csv_rows(agg: Aggregate, paper: bool = True) -> tuple[list[str], list[dict[s
             "n_finished",
             "n_diverged",
             "n_running",
+            "n_interrupted",
             "n_missing",
             "n_failed",
             "n_scored",
@@ -51,6 +52,7 @@ def csv_rows(agg: Aggregate, paper: bool = True) -> tuple[list[str], list[dict[s
             "n_finished": c["finished"],
             "n_diverged": c["diverged"],
             "n_running": c["running"],
+            "n_interrupted": c["interrupted"],
             "n_missing": c["missing"],
             "n_failed": c["failed"],
             "n_scored": len(g.quality_runs),
@@ -120,6 +122,7 @@ RUN_COLUMNS = [
     "n_views",
     "mean_opacity",
     "clip_model",
+    "launch",
 ]
 
 
@@ -152,6 +155,7 @@ def run_rows(agg: Aggregate) -> list[dict[str, Any]]:
                 "n_views": s.get("n_views"),
                 "mean_opacity": (sum(op) / len(op)) if op else None,
                 "clip_model": (s.get("model") or {}).get("spec"),
+                "launch": r.launch,
             }
         )
     return rows

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from eval.divergence import STATES
 from eval.runs import unique
 from eval.table.aggregate import Aggregate
 from eval.table.cells import MAIN_COLUMNS, gt_rows, main_rows, run_lists
@@ -14,6 +15,20 @@ def _md_table(cols: list[str], rows: list[list[str]]) -> str:
     return "\n".join(out)
 
 
+def launch_line(agg: Aggregate) -> str:
+    """Which launch(es) the table covers (``eval.launches``)."""
+    sel = agg.selection
+    assert sel is not None
+    if sel.mode == "one" and sel.launch is not None:
+        argv = " ".join(str(a) for a in sel.launch.manifest.get("argv") or [])
+        return f"Launch: {sel.launch.id} (started {sel.launch.started}){': `' + argv + '`' if argv else ''}"
+    per: dict[str, int] = {}
+    for r in agg.records:
+        for lid in (r.launch or "").split(","):
+            per[lid] = per.get(lid, 0) + 1
+    return "Launches pooled (--launch all): " + ", ".join(f"{k} ({v} runs)" for k, v in per.items())
+
+
 def to_markdown(agg: Aggregate, paper: bool = True) -> str:
     models = agg.models
     lines = [f"# Table 6.1 — {agg.root}", ""]
@@ -21,8 +36,10 @@ def to_markdown(agg: Aggregate, paper: bool = True) -> str:
         f"CLIP model: {', '.join(models) if models else '(no scored runs)'}"
         + ("  **(mixed models across runs)**" if len(models) > 1 else "")
     )
+    if agg.selection is not None and agg.selection.mode != "none":
+        lines.append(launch_line(agg) + "  ")
     n = len(agg.records)
-    c = {s: len(agg.by_state(s)) for s in ("finished", "diverged", "running", "missing", "failed")}
+    c = {s: len(agg.by_state(s)) for s in STATES}
     lines.append(
         f"Runs: {n} ({', '.join(f'{v} {k}' for k, v in c.items())})"
         + (f", {len(agg.broken)} unreadable" if agg.broken else "")
@@ -41,8 +58,8 @@ def to_markdown(agg: Aggregate, paper: bool = True) -> str:
     devs = unique(d for g in agg.groups for d in g.memory_devices)
     lines += [
         "Notes:",
-        "- Runs: finished + diverged runs (the Div.% denominator); Excluded: running / missing / failed runs "
-        "and finished runs without scores.",
+        "- Runs: finished + diverged runs (the Div.% denominator); Excluded: running / interrupted / missing / "
+        "failed runs and finished runs without scores.",
         "- CLIP: torchmetrics CLIPScore, max(100 cos, 0); quality / sharpness / real: CLIP-IQA in percent; "
         "mean±std (ddof=0) over all views of the finished, non-diverged, scored runs.",
         "- Div.%: runs that produced NaN, ran out of memory or ended with an empty volume "
