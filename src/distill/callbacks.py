@@ -118,6 +118,9 @@ class SweepEvalCallback(Callback):
             log.warning("launch %s ran no job; the sweep's evaluation is left as it was", manifest.get("launch_id"))
             return
         launch_id = str(manifest["launch_id"]) if manifest else None
+        if manifest is None and (Path(config.hydra.sweep.dir) / launches.LAUNCHES_DIR).is_dir():
+            log.warning("this launch was not recorded (see the warnings above); evaluating every launch pooled")
+            launch_id = "all"
         for argv in self.commands(config, launch_id):
             log.info("sweep finished; evaluating: python -m eval %s", " ".join(argv))
             try:

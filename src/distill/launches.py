@@ -55,6 +55,11 @@ def new_launch_id() -> str:
     return time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + "-" + secrets.token_hex(3)
 
 
+def _container(config: DictConfig, key: str, empty: Any) -> Any:
+    node = OmegaConf.select(config, key, default=None)
+    return empty if node is None else OmegaConf.to_container(node, resolve=False)
+
+
 def sweep_dir(config: DictConfig) -> Path:
     return Path(str(config.hydra.sweep.dir))
 
@@ -74,8 +79,8 @@ def planned_jobs(config: DictConfig) -> list[list[str]] | None:
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    params = OmegaConf.to_container(config.hydra.sweeper.params, resolve=False) or {}
-    task = OmegaConf.to_container(config.hydra.overrides.task, resolve=False) or []
+    params = _container(config, "hydra.sweeper.params", {})
+    task = _container(config, "hydra.overrides.task", [])
     lines = [f"{k}={v}" for k, v in params.items()] + [str(t) for t in task]
     try:
         overrides = OverridesParser.create().parse_overrides(lines)
@@ -87,7 +92,7 @@ def planned_jobs(config: DictConfig) -> list[list[str]] | None:
 def begin(config: DictConfig) -> Path:
     """Start a launch (see the module docstring); returns its directory."""
     plan = planned_jobs(config)
-    overrides = [str(t) for t in OmegaConf.to_container(config.hydra.overrides.task, resolve=False) or []]
+    overrides = [str(t) for t in _container(config, "hydra.overrides.task", [])]
     if plan is not None and not plan:
         sweep = ", ".join(overrides) or "(none)"
         raise EmptyLaunch(
@@ -98,7 +103,7 @@ def begin(config: DictConfig) -> Path:
     launch_dir = (sweep_dir(config) / LAUNCHES_DIR / launch_id).resolve()
     (launch_dir / JOBS_DIR).mkdir(parents=True, exist_ok=True)
     OmegaConf.save(config, launch_dir / LAUNCH_MULTIRUN)
-    params = OmegaConf.to_container(OmegaConf.select(config, "hydra.sweeper.params") or {}, resolve=False)
+    params = _container(config, "hydra.sweeper.params", {})
     manifest = {
         "version": MANIFEST_VERSION,
         "launch_id": launch_id,
@@ -140,7 +145,7 @@ def _job_identity(config: DictConfig) -> dict[str, Any]:
         "num": int(OmegaConf.select(hc, "job.num", default=0) or 0),
         "id": str(OmegaConf.select(hc, "job.id", default="") or ""),
         "run_dir": str(hc.runtime.output_dir),
-        "overrides": [str(t) for t in OmegaConf.to_container(hc.overrides.task, resolve=False) or []],
+        "overrides": [str(t) for t in _container(config, "hydra.overrides.task", [])],
     }
 
 
