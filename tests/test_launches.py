@@ -71,7 +71,8 @@ def figure_dirs(sweep: Path, eval_dir: Path) -> set[Path]:
 
 
 def tree_hashes(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in root.rglob("*") if p.is_file()}
+    files = [p for p in root.rglob("*") if p.is_file()]
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
 
 
 def no_traceback(r: subprocess.CompletedProcess) -> None:
