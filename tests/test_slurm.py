@@ -159,6 +159,14 @@ def test_submitit_local_multirun_of_two_jobs(tmp_path):
     # it went through submitit: pickled jobs, per-job logs, results
     assert len(list(out.rglob(".submitit/*/*_result.pkl"))) == 2
     assert "Job completed successfully" in submitit_logs(out)
+    # each job recorded itself in the launch from its own process (SDI_LAUNCH_DIR reached the subprocesses)
+    (manifest,) = [json.loads(p.read_text()) for p in out.rglob("launches/*/manifest.json")]
+    assert "submitit" in manifest["launcher"].lower() and manifest["status"] == "finished"
+    jobs = manifest["jobs"]
+    assert [j["status"] for j in jobs] == ["finished", "finished"] and len({j["pid"] for j in jobs}) == 2
+    assert manifest["pid"] not in {j["pid"] for j in jobs}
+    sweep = next(out.rglob("launches")).parent
+    assert {(sweep / j["run_dir"]).resolve() for j in jobs} == {d.resolve() for d in dirs}
 
 
 # ------------------------------------------------------------------------------ (b) real SLURM
