@@ -99,9 +99,10 @@ def _add_launch_option(p: argparse.ArgumentParser) -> None:
 
 def _selection(args: argparse.Namespace):
     """The runs the command covers (``eval.launches.select``); prints the one line saying which launch."""
-    from eval.launches import select
+    from eval.launches import LAUNCHES_DIR, select
 
-    find_runs(args.path)  # fail fast on a bad path, with the usual message
+    if not (Path(args.path) / LAUNCHES_DIR).is_dir():
+        find_runs(args.path)  # fail fast on a bad path, with the usual message (a launch may have left no run)
     sel = select(args.path, getattr(args, "launch", None))
     if sel.mode != "none":
         print(sel.describe())
