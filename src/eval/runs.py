@@ -153,6 +153,14 @@ def _json_default(o: Any) -> Any:
     return float(o)
 
 
+def load_yaml(text: str) -> Any:
+    """``yaml.safe_load`` through libyaml's C parser when PyYAML has it (same result, ~10x faster: a sweep of
+    200 runs reads 400 YAML files), else the pure-Python one."""
+    import yaml
+
+    return yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))  # noqa: S506 - a safe loader
+
+
 def read_config(run_dir: Path) -> tuple[dict[str, Any], str | None]:
     """The run's config.yaml as a plain dict (interpolations are already resolved by the trainer)."""
     import yaml
@@ -161,7 +169,7 @@ def read_config(run_dir: Path) -> tuple[dict[str, Any], str | None]:
     if not p.is_file():
         return {}, f"no {CONFIG}"
     try:
-        data = yaml.safe_load(p.read_text()) or {}
+        data = load_yaml(p.read_text()) or {}
     except (OSError, yaml.YAMLError) as e:
         return {}, f"unreadable {CONFIG}: {e}"
     if not isinstance(data, dict):
