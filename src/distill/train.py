@@ -603,8 +603,11 @@ def train(cfg: DictConfig, run_dir: Path | str | None = None) -> dict[str, Any]:
         logger.summary(metrics)
         code = 0
         return metrics
-    except (rundir.CheckpointError, Interrupted):
-        raise  # a checkpoint that does not fit (metrics.json as the last attempt left it); a stop fit() recorded
+    except Interrupted as e:
+        code = e.exit_code  # recorded by fit(): status interrupted, the step, the signal
+        raise
+    except rundir.CheckpointError:
+        raise  # a checkpoint that does not fit: metrics.json stays as the last attempt left it
     except Exception as e:
         m = rundir.read_metrics(run_dir)
         m.update(
