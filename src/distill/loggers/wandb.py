@@ -326,7 +326,13 @@ class WandbLogger(Logger):
         this = self.sync_dir if self.sync_dir is not None and self.sync_dir.is_dir() else None
         if this is not None and this not in dirs:
             dirs.append(this)
-        return sorted(dirs, key=lambda d: (d.name.split("-")[2], min(f.stat().st_mtime for f in d.glob("*.wandb"))))
+
+        def start(d: Path) -> tuple[str, float]:
+            m = re.match(r"offline-run-(\d{8}_\d{6})-", d.name)
+            ages = [f.stat().st_mtime for f in d.glob("*.wandb")] or [d.stat().st_mtime]
+            return (m.group(1) if m else "", min(ages))
+
+        return sorted(dirs, key=start)
 
     def sync_command(self) -> list[str]:
         """``wandb sync`` for all offline pieces of this run (argv); pieces of one run id are synced in
