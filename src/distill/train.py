@@ -416,7 +416,7 @@ class Trainer:
         self.scene.update_step(self.step, tr.max_steps)
         cams = self.cameras()
         out = self.scene.render(cams, generator=self.generator)
-        x0 = self.prior.encode(out["rgb"])
+        x0 = self.prior.encode(self.guidance.encoder_input(out, cams, self.step, tr.max_steps, self.generator))
         cond = self.prompts(cams, batch_size=x0.shape[0])
         # a method with an image-space term (HiFA) also gets the render it differentiates through
         extra = {"images": out["rgb"]} if self.guidance.needs_images else {}
