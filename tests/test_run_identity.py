@@ -281,3 +281,21 @@ def test_a_real_signal_stops_at_a_step_boundary_and_the_resumed_run_is_bit_ident
     with open(cut / "scalars.csv") as fh:  # every step logged once, in order
         steps_logged = [int(r["step"]) for r in csv.DictReader(fh) if r["name"] == "loss"]
     assert steps_logged == list(range(steps))
+
+
+def test_a_key_the_config_gained_since_is_noted_not_refused(compose_cfg, tmp_path, interrupt_at):
+    """A new option (its default keeps the old behaviour) comes with new code: the code check decides, not the diff."""
+    cfg = compose_cfg([*BASE, "trainer.max_steps=4"])
+    interrupt_at(cfg, tmp_path, 2)
+    recorded = json.loads((tmp_path / "identity.json").read_text())
+    del recorded["config"]["guidance"]["name"]  # as if the run predated that key
+    (tmp_path / "identity.json").write_text(json.dumps(recorded))
+    m = train(cfg, tmp_path)
+    assert m["status"] == "finished" and m["resumed_from_step"] == 2
+    notes = json.loads((tmp_path / "identity.json").read_text())["segments"][-1]["notes"]
+    assert any("guidance.name" in n for n in notes)
+    recorded = json.loads((tmp_path / "identity.json").read_text())
+    recorded["config"]["guidance"]["name"] = "sds"  # a key whose value changed is still refused
+    (tmp_path / "identity.json").write_text(json.dumps(recorded))
+    with pytest.raises(IdentityError, match=r"guidance\.name: sds -> ddim_inversion"):
+        train(compose_cfg([*BASE, "trainer.max_steps=4"]), tmp_path)

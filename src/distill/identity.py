@@ -56,6 +56,7 @@ NON_SEMANTIC = (
     "paths",
 )
 EXTENDABLE = "trainer.max_steps"  # a finished run may be continued to more steps
+ABSENT = "<absent>"  # diff's value for a key one side lacks
 # results a run directory can hold that a new identity would mix with
 DURABLE_STATUSES = ("finished", "diverged")
 
@@ -112,7 +113,7 @@ def flatten(d: Any, prefix: str = "") -> dict[str, Any]:
 def diff(old: dict[str, Any], new: dict[str, Any]) -> list[tuple[str, Any, Any]]:
     """[(dotted key, old value, new value)] for every leaf that differs (``<absent>`` where one side lacks it)."""
     a, b = flatten(old), flatten(new)
-    missing = "<absent>"
+    missing = ABSENT
     return [
         (k, a.get(k, missing), b.get(k, missing))
         for k in sorted(set(a) | set(b))
@@ -218,6 +219,10 @@ def check(
     if old is None:  # a checkpoint with no record of its config: resuming checks it against the model it loads into
         return Decision("same", None, [f"{run_dir} records no identity or config: resuming its checkpoint unchecked"])
     changed = diff(old.config, new.config)
+    # keys the config gained since the run started (new options whose defaults keep the old behaviour) come with a
+    # code change, which is checked below; they are noted, not held against the run
+    gained = [k for k, a, _ in changed if a == ABSENT]
+    changed = [c for c in changed if c[1] != ABSENT]
     extend = False
     if changed:
         only_steps = [k for k, _, _ in changed] == [EXTENDABLE]
@@ -250,6 +255,8 @@ def check(
             f"CPU capability {old.numerics['cpu_capability']} -> {new.numerics.get('cpu_capability')}: other float "
             f"kernels, so the steps from here are not bit-identical to an uninterrupted run on the first CPU"
         )
+    if gained:
+        notes.append(f"config keys added since the run started: {', '.join(gained[:20])}")
     if extend:
         (_, a, b) = changed[0]
         notes.append(f"extended: trainer.max_steps {a} -> {b}")
