@@ -10,7 +10,6 @@ import os
 import re
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
@@ -78,6 +77,7 @@ def test_read_lock_and_diff(tmp_path):
 
 
 def _pyproject_requirements() -> list[Requirement]:
+    tomllib = pytest.importorskip("tomllib", reason="tomllib needs Python 3.11 (the lock's Python)")
     meta = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     return [Requirement(r) for r in [*meta["dependencies"], *meta["optional-dependencies"]["dev"]]]
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from distill import provenance
 from distill.reproduce.common import ROOT, median_range, pad
 
 # SDS with the SDI code's x0 loss (the SDI code with inversion off, as the 2D experiments): the loss SDS had when
@@ -172,8 +173,10 @@ def _ism_write(out: Path, prior_name: str, rows: list[dict], images: dict, comma
             cells.append(median_range(v) if v else "-")
         n_div = sum(1 for r in sel if r["status"] != "finished")
         lines.append(f"| {label}{f' ({n_div} diverged)' if n_div else ''} | " + " | ".join(cells) + " |")
-    (out / f"ism_study_{prior_name}.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines), flush=True)
+    stem = f"ism_study_{prior_name}"
+    stamp = provenance.record(out, stem, command.split("`")[1], [f"{stem}.md", f"{stem}.csv", f"{stem}.png"])
+    (out / f"{stem}.md").write_text(provenance.with_stamp("\n".join(lines) + "\n", stamp))
+    print("\n".join([stamp, "", *lines]), flush=True)
 
 
 def _ism_png(images: dict[str, list[np.ndarray]], path: Path, zoom: int = 1) -> None:

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import torch
 
+from distill import provenance
+
 
 def kappa_study(out: Path, samples: int, prompt: str) -> None:
     import matplotlib
@@ -61,4 +63,6 @@ def kappa_study(out: Path, samples: int, prompt: str) -> None:
     ax.legend()
     fig.tight_layout()
     fig.savefig(out / "kappa_study.png", dpi=120)
+    command = f"python -m distill.reproduce kappa_study --samples {samples} --prompt '{prompt}'"
+    print(provenance.record(out, "kappa_study", command, ["kappa_study.csv", "kappa_study.png"]))
     print(open(out / "kappa_study.csv").read())
