@@ -176,23 +176,26 @@ def stamp_line(rec: dict[str, Any]) -> str:
     return line
 
 
-def record(out: Path, stem: str, command: str, files: list[str] | None = None) -> str:
-    """Write ``out/<stem>.provenance.json`` for a table produced now (this process's environment, today's date) and
-    return its stamp line for the head of the .md. A new record has no earlier-commit note."""
+def produced() -> dict[str, Any]:
+    """Where a result is being produced: :func:`distill.env.environment` (commit + dirty flag, source hash, torch,
+    CUDA, CPU capability and model, library versions, lock differences) flattened, with the date (UTC). The
+    benchmarks put it into their JSON as ``produced``."""
     from distill.env import environment
 
     env = environment()
-    produced = {
-        **env.pop("code"),
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        **env,
-    }
+    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    return {**env.pop("code"), "date": date, **env}
+
+
+def record(out: Path, stem: str, command: str, files: list[str] | None = None) -> str:
+    """Write ``out/<stem>.provenance.json`` for a table produced now (this process's environment, today's date) and
+    return its stamp line for the head of the .md. A new record has no earlier-commit note."""
     reg = TABLES.get(stem)
     rec = {
         "table": stem,
         "command": command,
-        "files": files if files is not None else list(reg.files if reg else ()),
-        "produced": produced,
+        "files": files if files is not None else [Path(f).name for f in (reg.files if reg else ())],
+        "produced": produced(),
         "earlier_commit": None,
     }
     out.mkdir(parents=True, exist_ok=True)
