@@ -131,6 +131,10 @@ def test_record_stamp_and_mark_earlier(tmp_path):
     assert lines[2] == "`cmd`: the table." and lines.count(lines[0]) == 1
     with pytest.raises(ValueError, match="one non-empty line"):
         P.mark_earlier("t", "two\nlines", tmp_path)
+    # a study records the environment it started with, not the one at its end (a commit made while it ran)
+    start = {**P.produced(), "commit": "1" * 40, "dirty": False}
+    P.record(tmp_path, "u", "python -m distill.reproduce u", ["u.md"], at=start)
+    assert P.read_record("u", tmp_path)["produced"] == start
 
 
 def test_paragraphs_citing():

@@ -187,15 +187,16 @@ def produced() -> dict[str, Any]:
     return {**env.pop("code"), "date": date, **env}
 
 
-def record(out: Path, stem: str, command: str, files: list[str] | None = None) -> str:
-    """Write ``out/<stem>.provenance.json`` for a table produced now (this process's environment, today's date) and
-    return its stamp line for the head of the .md. A new record has no earlier-commit note."""
+def record(out: Path, stem: str, command: str, files: list[str] | None = None, at: dict[str, Any] | None = None) -> str:
+    """Write ``out/<stem>.provenance.json`` for a table produced by this process and return its stamp line for the
+    head of the .md. ``at``: :func:`produced` taken when the study started (a commit made while it ran is not the
+    code that ran); default now. A new record has no earlier-commit note."""
     reg = TABLES.get(stem)
     rec = {
         "table": stem,
         "command": command,
         "files": files if files is not None else [Path(f).name for f in (reg.files if reg else ())],
-        "produced": produced(),
+        "produced": at if at is not None else produced(),
         "earlier_commit": None,
     }
     out.mkdir(parents=True, exist_ok=True)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from distill import provenance
 from distill.reproduce.common import ROOT, median_range, pad
 
 # (column, metrics.json key, format) of main_job_seeds.md / .csv
@@ -73,6 +74,7 @@ def main_job(
     from distill.config import ConfigError
     from distill.train import train
 
+    at = provenance.produced()  # the code and environment this study starts with
     rows, frames = [], []
     for s in range(seeds):
         run = runs / f"seed_{s}"
@@ -104,7 +106,7 @@ def main_job(
         rows.append(row)
         frames.append(iio.imread(run / "final.png"))
         print(f"seed {s}: " + ", ".join(f"{k} {row[k]}" for _, k, _ in MAIN_JOB_COLUMNS), flush=True)
-    write_main_job(out, rows, frames, overrides, seeds, name, runs)
+    write_main_job(out, rows, frames, overrides, seeds, name, runs, at)
     return rows
 
 
@@ -116,14 +118,13 @@ def write_main_job(
     seeds: int,
     name: str = "main_job_seeds",
     runs: Path | None = None,
+    at: dict | None = None,
 ) -> None:
     """``name``.csv (one row per seed; default main_job_seeds), .md (the same with median (min..max), headed by the
     provenance stamp) and .png (the final frames, one seed per row, each the run's four orbit views); the record
     ``name``.provenance.json beside them (:mod:`distill.provenance`). ``runs``: the runs' folder, named in the
-    recorded command unless it is the default."""
+    recorded command unless it is the default; ``at``: :func:`distill.provenance.produced` when the study started."""
     import imageio.v3 as iio
-
-    from distill import provenance
 
     out.mkdir(parents=True, exist_ok=True)
     keys = ["seed", "status", *[k for _, k, _ in MAIN_JOB_COLUMNS], "load"]
@@ -186,6 +187,6 @@ def write_main_job(
             + ".",
         ]
     files = [f"{name}.md", f"{name}.csv", *([f"{name}.png"] if frames else [])]
-    stamp = provenance.record(out, name, cmd, files)
+    stamp = provenance.record(out, name, cmd, files, at)
     (out / f"{name}.md").write_text(provenance.with_stamp("\n".join(lines) + "\n", stamp))
     print("\n".join([stamp, "", *lines]))
