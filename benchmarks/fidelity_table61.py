@@ -53,6 +53,7 @@ def main() -> None:
 
     torch.set_num_threads(1)
     from distill.cli import compose_config
+    from distill.provenance import produced
     from distill.train import train
 
     common = [
@@ -109,6 +110,7 @@ def main() -> None:
                 "wall_s": time.time() - t0,
                 "machine": platform.platform(),
                 "torch": torch.__version__,
+                "produced": produced(),  # commit, torch, CPU capability, date (distill.provenance)
             },
             indent=1,
         )

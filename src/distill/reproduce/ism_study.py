@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from distill import provenance
 from distill.reproduce.common import ROOT, median_range, pad
 
 # SDS with the SDI code's x0 loss (the SDI code with inversion off, as the 2D experiments): the loss SDS had when
@@ -112,6 +113,7 @@ def ism_study(
     from distill.config import build
     from distill.train import Trainer, check_run_config
 
+    at = provenance.produced()  # the code and environment this study starts with
     base = ["logger=none", "trainer.progress=false", "trainer.image_every=0", "trainer.checkpoint_every=0"]
     base += ["trainer.export=false", "trainer.resume=false", "trainer.threads=1"]
     extra = {
@@ -150,10 +152,12 @@ def ism_study(
                 png = run / "final.png"  # a diverged run may have none: a white tile
                 images[label].append(iio.imread(png)[..., :3] if png.exists() else np.full((32, 32, 3), 255, np.uint8))
                 print(f"{prior_name} seed {s}: {label}: {m['status']}", flush=True)
-                _ism_write(out, prior_name, rows, images, command)
+                _ism_write(out, prior_name, rows, images, command, at)
 
 
-def _ism_write(out: Path, prior_name: str, rows: list[dict], images: dict, command: str) -> None:
+def _ism_write(
+    out: Path, prior_name: str, rows: list[dict], images: dict, command: str, at: dict | None = None
+) -> None:
     out.mkdir(parents=True, exist_ok=True)
     metrics = ISM_METRICS[prior_name]
     _ism_png(
@@ -181,8 +185,10 @@ def _ism_write(out: Path, prior_name: str, rows: list[dict], images: dict, comma
             cells.append(median_range(v) if v else "-")
         n_div = sum(1 for r in sel if r["status"] != "finished")
         lines.append(f"| {label}{f' ({n_div} diverged)' if n_div else ''} | " + " | ".join(cells) + " |")
-    (out / f"ism_study_{prior_name}.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines), flush=True)
+    stem = f"ism_study_{prior_name}"
+    stamp = provenance.record(out, stem, command.split("`")[1], [f"{stem}.md", f"{stem}.csv", f"{stem}.png"], at)
+    (out / f"{stem}.md").write_text(provenance.with_stamp("\n".join(lines) + "\n", stamp))
+    print("\n".join([stamp, "", *lines]), flush=True)
 
 
 def _ism_png(images: dict[str, list[np.ndarray]], path: Path, zoom: int = 1) -> None:
