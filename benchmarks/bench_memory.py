@@ -49,6 +49,7 @@ sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from distill.memory import SavedBytes, exact_rss_mode, peak_rss_bytes, peak_rss_reset, rss_bytes  # noqa: E402
+from distill.provenance import produced  # noqa: E402
 
 PLAIN = {"chunk_rays": 0, "checkpoint": False}  # the reference render (the defaults chunk and checkpoint)
 LEVERS = {
@@ -435,6 +436,8 @@ def main(argv=None) -> dict:
         ),
         rows=[],
     )
+
+    report["produced"] = produced()  # commit, torch, CPU capability, date (distill.provenance)
 
     def save():
         if a.out:

@@ -40,6 +40,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
+from distill.provenance import produced  # noqa: E402
 from distill.scene.cameras import orbit_cameras  # noqa: E402
 from distill.scene.nerf import NeRFScene  # noqa: E402
 
@@ -178,6 +179,7 @@ def main() -> None:
         "loadavg_after": os.getloadavg(),
         "iters": args.iters,
         "rows": rows,
+        "produced": produced(),  # commit, torch, CPU capability, date (distill.provenance)
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -59,6 +59,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from distill.priors.stable_diffusion import SD21_SCHEDULER  # noqa: E402
+from distill.provenance import produced  # noqa: E402
 
 # stabilityai/stable-diffusion-2-1-base unet/config.json (the fields that shape compute)
 UNET_CONFIG = dict(
@@ -603,6 +604,7 @@ def main(argv=None) -> dict:
 
     report = dict(
         benchmark="sd_step",
+        produced=produced(),  # commit, torch, CPU capability, date (distill.provenance)
         arch=args.arch,
         device=str(device),
         device_name=torch.cuda.get_device_name(device) if cuda else platform.processor() or platform.machine(),

@@ -36,6 +36,7 @@ def main() -> None:
     if a.threads:
         torch.set_num_threads(a.threads)
     from distill.cli import compose_config
+    from distill.provenance import produced
     from distill.train import Trainer
 
     cfg = compose_config(["logger=none", "trainer.progress=false", *a.overrides])
@@ -96,6 +97,7 @@ def main() -> None:
         f"{100 * res['share_outside_prior']:.1f}%; {max_steps} steps ~ {res['projected_minutes_for_max_steps']:.1f} min"
     )
     a.out.parent.mkdir(parents=True, exist_ok=True)
+    res["produced"] = produced()  # commit, torch, CPU capability, date
     a.out.write_text(json.dumps(res, indent=2))
 
 

@@ -271,8 +271,11 @@ def main(argv=None) -> dict:
     # SDI first: the main measurement gets the time even if a later method is slow
     methods = sorted(methods, key=lambda m: (m != "ddim_inversion", m != "sds", m))
     device = torch.device(a.device)
+    from distill.provenance import produced
+
     report = {
         "benchmark": "train_step",
+        "produced": produced(),  # commit, torch, CPU capability, date (distill.provenance)
         "device": str(device),
         "device_name": (
             torch.cuda.get_device_name(device)

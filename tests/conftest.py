@@ -67,23 +67,30 @@ def smoke_sweep(tmp_path_factory):
 
 @pytest.fixture
 def interrupt_at():
-    """``interrupt_at(cfg, run_dir, step)``: train ``cfg`` in ``run_dir`` and stop it with a KeyboardInterrupt (as a
-    preemption does) when it reaches ``step``; the trainer checkpoints that step on the way out. The one place the
-    resume tests (every guidance, VSD/ESD, ISM, Gaussians, memory levers, checkpoints) interrupt a run."""
+    """``interrupt_at(cfg, run_dir, step)``: train ``cfg`` in ``run_dir`` and send this process a real SIGINT (Ctrl-C,
+    as a preemption's signal would be) inside step ``step - 1``, after its optimiser update; the trainer finishes the
+    step, checkpoints the state at the start of step ``step`` and stops (distill.interrupts.Interrupted). The one place
+    the resume tests (every guidance, VSD/ESD, ISM, Gaussians, memory levers, checkpoints) interrupt a run."""
+    import signal
+
+    from distill.interrupts import Interrupted
     from distill.train import Trainer, train
 
     def run(cfg, run_dir, step: int) -> None:
+        assert step >= 1, "the signal lands inside step - 1"
         original = Trainer.train_step
 
         def interrupted(self, logger, bar):
-            if self.step == step:
-                raise KeyboardInterrupt
-            return original(self, logger, bar)
+            out = original(self, logger, bar)
+            if self.step == step - 1:
+                signal.raise_signal(signal.SIGINT)
+            return out
 
         Trainer.train_step = interrupted
         try:
-            with pytest.raises(KeyboardInterrupt):
+            with pytest.raises(Interrupted) as e:
                 train(cfg, run_dir)
+            assert e.value.step == step and e.value.exit_code == 130
         finally:
             Trainer.train_step = original
 

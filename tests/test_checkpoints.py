@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from distill import rundir
+from distill.identity import IdentityError
 from distill.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -193,8 +194,18 @@ def test_cli_reports_an_unusable_checkpoint_in_one_message_exit_2(compose_cfg, i
 
 def test_a_checkpoint_of_another_config_is_a_clear_error_not_a_traceback(compose_cfg, interrupt_at, tmp_path):
     _interrupted_run(compose_cfg, interrupt_at, tmp_path, stop_at=1)
+    before = _snapshot(tmp_path)
+    changed = [*BASE, "trainer.max_steps=6", "scene.height=16", "scene.width=16"]
+    # the run's identity (identity.json) refuses it first, naming the changed keys, and touches nothing
+    with pytest.raises(IdentityError, match=r"scene\.height: 32 -> 16") as e:
+        train(compose_cfg(changed), tmp_path)
+    assert "trainer.resume=false" in str(e.value) and "trainer.max_steps" not in str(e.value)
+    assert _snapshot(tmp_path) == before
+    # a checkpoint whose run recorded no config at all is still checked against the model it is loaded into
+    (tmp_path / "identity.json").unlink()
+    (tmp_path / rundir.CONFIG).unlink()
     before = rundir.read_metrics(tmp_path)
     with pytest.raises(rundir.CheckpointError, match="does not fit this run's config") as e:
-        train(compose_cfg([*BASE, "trainer.max_steps=3", "scene.height=16", "scene.width=16"]), tmp_path)
+        train(compose_cfg(changed), tmp_path)
     assert "trainer.resume=false" in str(e.value)
     assert rundir.read_metrics(tmp_path) == before  # not recorded as a failed run

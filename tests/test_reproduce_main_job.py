@@ -1,11 +1,14 @@
 """`python -m distill.reproduce main_job`: the main job over seeds, its table and its picture (tiny budget)."""
 
 import csv
+import json
 
 import imageio.v3 as iio
 import pytest
+import torch
 
 from distill.config import ConfigError
+from distill.provenance import stamp_line
 from distill.reproduce.main_job import MAIN_JOB_COLUMNS, main_job
 
 # the main job's config at a tiny budget: 2 steps at 16x16 with a progress frame each step, small texture basis
@@ -39,6 +42,14 @@ def test_main_job_table_and_picture(tmp_path):
             assert key in (runs / f"seed_{t['seed']}" / "metrics.json").read_text()
     md = (out / "main_job_seeds.md").read_text()
     assert "python -m distill.reproduce main_job --seeds 2" in md and "| median (min..max) |" in md
+    # provenance: the .md starts with the stamp of the record written beside it (commit, torch, CPU capability, date)
+    rec = json.loads((out / "main_job_seeds.provenance.json").read_text())
+    assert md.splitlines()[0] == stamp_line(rec) and rec["produced"]["torch"] == torch.__version__
+    assert (
+        rec["command"]
+        == f"python -m distill.reproduce main_job --seeds 2{''.join(' --set ' + o for o in TINY)} --runs {runs}"
+    )
+    assert rec["files"] == ["main_job_seeds.md", "main_job_seeds.csv", "main_job_seeds.png"]
     assert md.count("\n| 0 |") == 1 and md.count("\n| 1 |") == 1
     # one row of four 16x16 orbit views per seed, each padded by 2 pixels
     grid = iio.imread(out / "main_job_seeds.png")

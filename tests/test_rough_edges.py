@@ -91,12 +91,13 @@ def test_start_reason_is_logged_and_recorded(compose_cfg, tmp_path, caplog):
     # a previous attempt killed before its first checkpoint left a "running" metrics.json and nothing to resume
     rundir.write_metrics(tmp_path, {"status": "running", "steps": 0})
     with caplog.at_level("INFO", logger="distill.train"):
-        m = train(compose_cfg([*base, "trainer.max_steps=1"]), tmp_path)
+        m = train(compose_cfg([*base, "trainer.max_steps=3"]), tmp_path)
     assert m["start"].startswith("no checkpoint: starting at step 0") and "'running'" in m["start"]
     assert any("no checkpoint: starting at step 0" in r.getMessage() for r in caplog.records)
+    assert "archive/001" in m["start"]  # the killed attempt's files are kept apart, not mixed into this run
     # killed after a checkpoint (status still "running"): the re-launch resumes from it and says so
     rundir.write_metrics(tmp_path, {**m, "status": "running"})
     m = train(compose_cfg([*base, "trainer.max_steps=3"]), tmp_path)
-    assert m["start"].startswith("resuming from step 1") and m["resumed_from_step"] == 1
+    assert m["start"].startswith("resuming from step 3") and m["resumed_from_step"] == 3
     m = train(compose_cfg([*base, "trainer.max_steps=3", "trainer.resume=false"]), tmp_path / "fresh")
     assert m["start"] == "trainer.resume=false: starting at step 0"

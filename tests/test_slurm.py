@@ -349,9 +349,9 @@ def test_requeued_slurm_job_resumes_from_its_checkpoint(how, slurm_cluster, prof
     assert m["resumed_from_step"] is not None, f"the first incarnation finished before it was stopped: {m}"
     resumed = m["resumed_from_step"]
     assert resumed and 0 < resumed < steps, m
-    if how == "scontrol_requeue":  # SIGKILL: only the periodic checkpoints survive
-        assert resumed % every == 0, m
-    # usr2: submitit raises SystemExit in the loop and the trainer checkpoints the step it reached
+    # scontrol_requeue: the SIGTERM before the SIGKILL is submitit's to bypass; the trainer still checkpoints at the
+    # next step boundary (distill.interrupts) when it gets there first, else a periodic checkpoint is what survives.
+    # usr2: at the next step boundary the trainer checkpoints, then calls submitit's handler (requeue + exit)
     logs = submitit_logs(out)
     if how == "usr2":
         assert "Caught signal SIGUSR2" in logs and f"Requeued job {job_id}" in logs

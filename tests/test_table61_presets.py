@@ -6,6 +6,8 @@ groups, data ranges); the test maps each onto this project's keys. What the proj
 preset's header comment and listed in docs/methods.md ("Table 6.1 presets against their reference YAMLs").
 """
 
+import math
+
 import pytest
 
 from distill.config import component_config
@@ -330,3 +332,102 @@ def test_guidance_and_time_schedule(presets, name):
             assert max(sched(step, 25000) for _ in range(300)) <= hi
     else:
         assert s.t_max == t_max
+
+
+# ---------------------------------------------------------------------------------------------- issue 27, items 6-7
+def mixture_cdf(e, lo: float, hi: float):
+    """threestudio's training elevation (data/uncond.py): 1:1 uniform in degrees and uniform on the sphere's band
+    [lo, hi] (density ~ cos e), as a closed-form CDF in degrees."""
+    import numpy as np
+
+    r = np.radians
+    return 0.5 * (e - lo) / (hi - lo) + 0.5 * (np.sin(r(e)) - np.sin(r(lo))) / (np.sin(r(hi)) - np.sin(r(lo)))
+
+
+def ks_distance(samples, cdf) -> float:
+    import numpy as np
+
+    x = np.sort(np.asarray(samples, dtype=np.float64))
+    n = len(x)
+    f = cdf(x)
+    return float(max((np.arange(1, n + 1) / n - f).max(), (f - np.arange(n) / n).max()))
+
+
+def test_training_elevation_is_threestudios_mixture():
+    import numpy as np
+    import torch
+
+    from distill.scene.cameras import CameraSamplerConfig, sample_elevation
+
+    lo, hi, n = -10.0, 45.0, 400_000
+    ts = CameraSamplerConfig(elevation_deg=(lo, hi), elevation_sampling="threestudio")
+    e = sample_elevation(ts, n, torch.Generator().manual_seed(0), per_view=True).numpy()
+    assert lo <= e.min() and e.max() <= hi
+
+    def cdf(x):
+        return mixture_cdf(x, lo, hi)
+
+    # the KS statistic of n exact draws exceeds 1.95 / sqrt(n) with probability 0.001
+    bound = 1.95 / math.sqrt(n)
+    assert ks_distance(e, cdf) < bound
+    # the issue's summaries: mean 16.8 deg, share above 30 deg 0.254 (uniform in degrees: 17.5, 0.273)
+    assert abs(e.mean() - 16.80) < 0.1 and abs((e > 30).mean() - 0.2539) < 0.004
+    # the project's earlier sampler (uniform in degrees) is 0.020 away from it: the test tells them apart
+    ud = CameraSamplerConfig(elevation_deg=(lo, hi))
+    u = sample_elevation(ud, n, torch.Generator().manual_seed(1)).numpy()
+    assert ks_distance(u, cdf) > 0.015 and ks_distance(u, lambda x: (x - lo) / (hi - lo)) < bound
+    # one coin per batch (threestudio draws random.random() once per collate): the whole batch from one branch
+    g, ref = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    for _ in range(20):
+        got = sample_elevation(ts, 64, g).double()
+        coin = bool(torch.rand(1, generator=ref)[0] < 0.5)
+        v = torch.rand(64, generator=ref, dtype=torch.float64)
+        s_lo, s_hi = math.sin(math.radians(lo)), math.sin(math.radians(hi))
+        want = lo + (hi - lo) * v if coin else torch.rad2deg(torch.asin(s_lo + (s_hi - s_lo) * v))
+        np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=0, atol=1e-4)
+
+
+def test_occupancy_threshold_is_derived_from_the_radius(presets):
+    import torch
+
+    from distill.scene.renderer import OccupancyConfig, OccupancyGrid
+
+    def threestudio_threshold(radius: float) -> float:  # nerfacc occ_thre / render_step_size (nerf_volume_renderer)
+        return 0.01 / (1.732 * 2 * radius / 512)
+
+    for name, cfg in presets.items():
+        occ = component_config(cfg.scene, "scene")[1].renderer.occupancy
+        assert occ.density_threshold is None  # derived, not a number carried over from radius 2
+        grid = OccupancyGrid(occ, cfg.scene.radius)
+        assert grid.threshold == pytest.approx(threestudio_threshold(cfg.scene.radius), rel=1e-12), name
+    assert OccupancyGrid(OccupancyConfig(), 1.0).threshold == pytest.approx(1.478, abs=1e-3)
+    assert OccupancyGrid(OccupancyConfig(), 2.0).threshold == pytest.approx(0.739, abs=1e-3)
+    assert OccupancyGrid(OccupancyConfig(density_threshold=0.74), 1.0).threshold == 0.74  # the earlier value
+
+    # at radius 1 a cell of density 1.45 is empty for threestudio (1.45 * step < 0.01) though the old 0.74 kept it
+    def field(x):
+        return torch.where(x[:, 0] > 0, torch.tensor(1.6), torch.tensor(1.45))
+
+    new = OccupancyGrid(OccupancyConfig(resolution=8), 1.0)
+    old = OccupancyGrid(OccupancyConfig(resolution=8, density_threshold=0.74), 1.0)
+    for grid in (new, old):
+        grid.update(field, torch.Generator().manual_seed(0))
+    half = torch.arange(8).repeat_interleave(64) >= 4  # cell index i * 64 + j * 8 + k: x > 0 for i >= 4
+    assert torch.equal(new.binary, half) and bool(old.binary.all())
+
+
+def test_table61_presets_use_threestudios_camera_elevation(presets):
+    for name, cfg in presets.items():
+        assert cfg.camera.elevation_sampling == "threestudio", name
+
+
+def test_bad_elevation_sampling_and_thresholds_are_named():
+    from distill.scene.cameras import CameraSamplerConfig
+    from distill.scene.renderer import OccupancyConfig, RendererConfig
+
+    with pytest.raises(ValueError, match="camera.elevation_sampling='sphere'"):
+        CameraSamplerConfig(elevation_sampling="sphere").validate()
+    with pytest.raises(ValueError, match="occupancy.density_threshold=-1"):
+        RendererConfig(occupancy=OccupancyConfig(density_threshold=-1)).validate()
+    with pytest.raises(ValueError, match="occupancy.render_step_samples=0"):
+        RendererConfig(occupancy=OccupancyConfig(render_step_samples=0)).validate()

@@ -82,7 +82,8 @@ def test_interrupted_run_resumes_to_the_same_result(compose_cfg, tmp_path, inter
     )
     train(full, tmp_path / "full")
     interrupt_at(full, tmp_path / "resumed", stop_at)
-    assert rundir.read_metrics(tmp_path / "resumed")["status"] == "running"
+    stopped = rundir.read_metrics(tmp_path / "resumed")
+    assert stopped["status"] == "interrupted" and stopped["steps"] == stop_at and stopped["signal"] == "SIGINT"
     m = train(full, tmp_path / "resumed")  # same directory: resumes
     assert m["resumed_from_step"] == stop_at and m["steps"] == 10
     a, ga = _final_state(tmp_path / "full")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import struct
 import subprocess
 import sys
@@ -334,6 +335,89 @@ def test_resume_continues_the_same_run_id(offline_env):
     assert dry.stdout.count(run_id) + dry.stderr.count(run_id) >= 2
 
 
+SEGMENT_SCRIPT = r"""
+import logging, os, signal, sys
+from pathlib import Path
+from distill.loggers.wandb import WandbLogger
+logging.basicConfig(level=logging.WARNING, stream=sys.stdout)
+run_dir, lo, hi, interrupt = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "1"
+logger = WandbLogger(WandbLogger.Config(project="sdi-test"), run_dir=run_dir, run_config={"seed": 1}, run_name="r")
+code = 0
+try:
+    for step in range(lo, hi):
+        logger.log_scalars({"loss": 100.0 * lo + step}, step)
+    if interrupt:
+        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C / SLURM's signal: a real KeyboardInterrupt
+    logger.summary({"status": "finished"})
+except KeyboardInterrupt:
+    code = 130
+finally:
+    logger.finish(exit_code=code)
+print("RESUMED", logger.resumed)
+sys.exit(code)
+"""
+
+
+def _printed_sync_command(stderr: str) -> list[str]:
+    lines = stderr.splitlines()
+    i = max(i for i, line in enumerate(lines) if "upload it with:" in line)
+    return shlex.split(lines[i + 1])
+
+
+def test_interrupted_and_resumed_offline_run_prints_one_sync_for_every_piece(offline_env):
+    """Issue 24: an offline run interrupted (real SIGINT) and resumed in a new process is two offline
+    directories with one id. The command printed at the end must name both, oldest first, and what it
+    names must hold every logged step; naming only the last piece (as before) loses steps 0-2."""
+    script = offline_env / "segment.py"
+    script.write_text(SEGMENT_SCRIPT)
+    run_dir = offline_env / "runs" / "seed=1"
+    env = child_env()
+
+    def segment(lo: int, hi: int, interrupt: bool) -> subprocess.CompletedProcess:
+        cmd = [sys.executable, str(script), str(run_dir), str(lo), str(hi), "1" if interrupt else "0"]
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+
+    first = segment(0, 6, interrupt=True)
+    assert first.returncode == 130, first.stdout[-3000:] + first.stderr[-3000:]
+    run_id = (run_dir / ID_FILE).read_text().strip()
+    (piece1,) = offline_runs(run_dir)
+    assert _printed_sync_command(first.stderr) == ["wandb", "sync", str(piece1)]
+    # another run whose id merely starts with this one: not a piece of this run
+    other = run_dir / "wandb" / f"offline-run-20000101_000000-{run_id}x"
+    other.mkdir()
+    (other / f"run-{run_id}x.wandb").write_bytes((piece1 / f"run-{run_id}.wandb").read_bytes())
+
+    second = segment(3, 8, interrupt=False)  # resumed from the checkpoint at step 3
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert "RESUMED True" in second.stdout
+    pieces = [p for p in offline_runs(run_dir) if p != other]
+    assert len(pieces) == 2 and pieces[0] == piece1
+
+    cmd = _printed_sync_command(second.stderr)
+    assert cmd[:2] == ["wandb", "sync"] and "--id" in cmd, cmd
+    assert cmd[cmd.index("--id") + 1] == run_id
+    named = [Path(a) for a in cmd[2:] if a not in ("--id", run_id)]
+    assert named == pieces  # every piece, oldest first, nothing else
+
+    # what W&B's own `wandb sync` would upload from that command: both .wandb files, no error
+    dry = subprocess.run(
+        [sys.executable, "-m", "wandb", *cmd[1:], "--dry-run"], capture_output=True, text=True, timeout=120, env=env
+    )
+    assert dry.returncode == 0, dry.stderr
+    listed = dry.stdout + dry.stderr
+    assert "Would sync 2 run(s)" in listed and listed.count(f"run-{run_id}.wandb") == 2 and f"{run_id}x" not in listed
+
+    # the named pieces hold every step: 0-5 from the interrupted piece, 3-7 from the resumed one
+    a, b = (OfflineRun(p) for p in named)
+    assert a.run.run_id == b.run.run_id == run_id
+    assert a.exit_code == 130 and b.exit_code == 0
+    assert a.scalars("loss") == [(s, 0.0 + s) for s in range(6)]
+    assert b.scalars("loss") == [(s, 300.0 + s) for s in range(3, 8)]
+    assert sorted({s for run in (a, b) for s, _ in run.scalars("loss")}) == list(range(8))
+    # the last piece alone (the old message) would have left steps 0-2 out
+    assert {s for s, _ in b.scalars("loss")}.isdisjoint({0, 1, 2})
+
+
 def test_finish_on_error_records_the_exit_code(offline_env):
     run_dir = offline_env / "runs" / "boom"
     logger = WandbLogger(WandbLogger.Config(project="sdi-test"), run_dir=run_dir, run_config={}, run_name="boom")
@@ -407,6 +491,7 @@ def test_train_py_with_wandb_logger_offline_and_relaunch(offline_env):
     assert len(runs) == 2
     assert {OfflineRun(p).run.run_id for p in runs} == {run_id}
     assert (run_dir / ID_FILE).read_text().strip() == run_id
+    assert shlex.join(["wandb", "sync", "--id", run_id, *map(str, runs)]) in r2.stderr  # one command, both pieces
 
 
 DEAD_CORE_SCRIPT = r"""

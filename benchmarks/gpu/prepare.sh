@@ -17,22 +17,29 @@ PY="${PYTHON:-$ROOT/.venv/bin/python}"
 mkdir -p "$DEST"
 rm -f "$DEST"/*.whl
 
-# name==version: the versions this project is tested with on the CPU machines (.venv); one version each
-BINARY=(
-  diffusers==0.42.1
-  hydra-core==1.3.8
-  omegaconf==2.3.1
-  open-clip-torch==3.3.0
-  ftfy==6.3.1
-  wcwidth==0.9.4
-  importlib-metadata==10.2.0
-  trimesh==5.2.0
-  PyMCubes==0.1.6
-  submitit==1.5.4
-  hydra-submitit-launcher==1.2.0
-)
+# the packages; their versions come from the lock (constraints.txt: what the tests passed with on the CPU machines)
+LOCK="$ROOT/constraints.txt"
+pinned() {  # name==version of $1 in the lock, names compared in PEP 503 form (Open_Clip-torch == open-clip-torch)
+  local want name line
+  want=$(printf %s "$1" | tr 'A-Z_.' 'a-z--')
+  while IFS= read -r line; do
+    case "$line" in '' | '#'*) continue ;; esac
+    name=${line%%==*}
+    if [ "$(printf %s "$name" | tr 'A-Z_.' 'a-z--')" = "$want" ]; then
+      echo "$1==${line#*==}"
+      return 0
+    fi
+  done <"$LOCK"
+  echo "prepare.sh: $1 is not in $LOCK (add it to pyproject.toml and run scripts/update-lock)" >&2
+  return 1
+}
+BINARY=()
+for name in diffusers hydra-core omegaconf open-clip-torch ftfy wcwidth importlib-metadata trimesh PyMCubes submitit \
+  hydra-submitit-launcher; do
+  BINARY+=("$(pinned "$name")") || exit 1
+done
 # sdists with no wheel on the index: pure Python, built into wheels here
-SOURCE=(antlr4-python3-runtime==4.9.3)
+SOURCE=("$(pinned antlr4-python3-runtime)") || exit 1
 
 "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
   --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \

@@ -64,8 +64,10 @@ def _in_multirun() -> bool:
 
 
 def run_job(cfg: DictConfig) -> float | None:
-    """Run one job. Bad config / bad input: one clear message and exit code 2. In a sweep, a job
-    that fails is recorded in its metrics.json and the sweep goes on."""
+    """Run one job. Bad config / bad input / a refused start: one clear message and exit code 2 (a failed start is
+    recorded in the run's metrics.json). In a sweep, a job that fails is recorded in its metrics.json and the sweep
+    goes on. A signal (Ctrl-C, SIGTERM) stops at a step boundary: one line, exit code 128 + signal, in a sweep too."""
+    from distill.interrupts import Interrupted
     from distill.rundir import CheckpointError
     from distill.train import train
 
@@ -76,11 +78,19 @@ def run_job(cfg: DictConfig) -> float | None:
         if _in_multirun():
             return None
         sys.exit(2)
+    except Interrupted as e:
+        print(f"{e}", file=sys.stderr)
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        print(f"interrupted before training started ({cfg.paths.run_dir}): nothing to resume yet", file=sys.stderr)
+        sys.exit(130)
     except Exception:
         if not _in_multirun():
             raise
         log.error("job failed (recorded in its metrics.json); the sweep continues:\n%s", traceback.format_exc())
         return None
+    if metrics.get("nothing_to_do"):
+        return metrics.get("loss")
     log.info(
         "status=%s steps=%s seconds=%.1f -> %s",
         metrics.get("status"),

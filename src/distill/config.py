@@ -210,6 +210,7 @@ class TrainerConfig:
     eval_views: int = 8  # held-out views for ground-truth metrics (analytic priors)
     progress: bool = True
     threads: int = 0  # torch CPU threads (0 = torch's default)
+    allow_code_change: bool = False  # resume / extend a run under other code or torch (distill.identity)
 
     def validate(self) -> None:
         if self.max_steps < 0:

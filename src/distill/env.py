@@ -1,6 +1,7 @@
 """Where a result came from: the code (commit, dirty flag, a hash of the sources), torch, CUDA, the CPU's float
-kernels and the libraries whose internals the numbers rest on. ``python -m distill.env`` prints it (what a bug
-report needs); run directories (:mod:`distill.identity`) and the tables under docs/ record it.
+kernels, the libraries whose internals the numbers rest on, and how the installed packages differ from the lock
+(constraints.txt, :mod:`distill.lock`). ``python -m distill.env`` prints it (what a bug report needs); run
+directories (:mod:`distill.identity`) and the tables under docs/ (:mod:`distill.provenance`) record it.
 
 Two runs with the same config and seed give the same numbers on one CPU with the same code and torch; the CPU
 capability (ATen's dispatch level: AVX512, AVX2, DEFAULT...) picks the float kernels, so it is recorded too.
@@ -123,6 +124,21 @@ def library_versions(names: tuple[str, ...] = LIBRARIES) -> dict[str, str | None
     return out
 
 
+@functools.lru_cache(maxsize=1)
+def lock_status() -> dict[str, Any]:
+    """How the installed packages compare with the lock (:mod:`distill.lock`, constraints.txt): ``{"file": path,
+    "mismatches": [one line each]}``; ``file`` None where there is no lock (not a checkout), ``error`` where it
+    cannot be read."""
+    from distill import lock
+
+    if not lock.LOCK_FILE.exists():
+        return {"file": None, "mismatches": []}
+    try:
+        return {"file": str(lock.LOCK_FILE), "mismatches": lock.mismatches(lock.read_lock(lock.LOCK_FILE))}
+    except (OSError, lock.LockError) as e:
+        return {"file": str(lock.LOCK_FILE), "mismatches": [], "error": str(e)}
+
+
 def numerics() -> dict[str, Any]:
     """What decides the float results of a computation on this machine: torch, CUDA, the CPU's kernels."""
     return {
@@ -143,6 +159,7 @@ def environment() -> dict[str, Any]:
         "python": platform.python_version(),
         "platform": platform.platform(),
         "libraries": library_versions(),
+        "lock": lock_status(),
     }
 
 
@@ -178,6 +195,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{k:15s} {env[k]}")
     for k, v in env["libraries"].items():
         print(f"{k:15s} {v if v is not None else '-'}")
+    lk = env["lock"]
+    if lk["file"] is None:
+        print(f"{'lock':15s} no constraints.txt beside the code (not a checkout): versions not compared")
+    elif lk.get("error"):
+        print(f"{'lock':15s} {lk['error']}")
+    elif not lk["mismatches"]:
+        print(f"{'lock':15s} every installed package matches {lk['file']}")
+    else:
+        print(f"{'lock':15s} {len(lk['mismatches'])} differences from {lk['file']}:")
+        print("\n".join(f"{'':15s} {m}" for m in lk["mismatches"]))
     return 0
 
 

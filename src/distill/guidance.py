@@ -197,6 +197,10 @@ class Guidance:
     ) -> GuidanceOutput:
         raise NotImplementedError
 
+    def encoder_input(self, render: dict, cameras, step: int, max_steps: int, generator=None) -> Tensor:
+        """The maps the prior encodes into x0 this step: the render's rgb (ISM: LucidDreamer's flip / depth steps)."""
+        return render["rgb"]
+
     def state_dict(self) -> dict:
         return {}
 

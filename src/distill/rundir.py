@@ -1,8 +1,13 @@
 """Run directories: the files a run leaves behind and how to read them back.
 
 <run>/config.yaml          resolved config
-<run>/metrics.json         status (running|finished|diverged|failed), steps, seconds,
-                           peak_memory_mb, diverged, diverged_reason, ground-truth metrics
+<run>/identity.json        what makes it this run: semantic config + hash, seed, code, numerics, segments
+                           (distill.identity: a start with another identity is refused)
+<run>/environment.json     torch, CUDA, CPU capability, library versions of the latest start (distill.env)
+<run>/metrics.json         status (running|finished|diverged|failed|interrupted), steps, seconds,
+                           peak_memory_mb, diverged, diverged_reason, ground-truth metrics;
+                           failed: stage (start|train), reason (one line), exit_code; interrupted: signal
+<run>/archive/NNN/         what an earlier attempt left, moved there by trainer.resume=false (ARCHIVED.json says why)
 <run>/checkpoints/last.pt  scene, optimiser, RNG and method state (kappa, VSD's phi), step
 <run>/checkpoints/prev.pt  the checkpoint before last.pt (the automatic fallback when last.pt is unreadable)
 <run>/images/              intermediate renders; final.png, strip.png; turntable.mp4, mesh.ply (3D)
@@ -31,6 +36,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 CONFIG, METRICS, CHECKPOINT = "config.yaml", "metrics.json", "checkpoints/last.pt"
+ENVIRONMENT = "environment.json"
 log = logging.getLogger(__name__)
 
 
@@ -231,3 +237,65 @@ def load_scene(run_dir: Path, device: str | torch.device = "cpu"):
     scene.load_state_dict(ckpt["scene"])
     scene.eval()
     return cfg, scene
+
+
+# ----- starting over, failed starts ---------------------------------------------------------------------------------
+ARCHIVE = "archive"
+KEPT_ON_ARCHIVE = (ARCHIVE, "train.log")  # Hydra's job log is open in this process: it stays and logs every launch
+
+
+def has_checkpoint(run_dir: Path) -> bool:
+    return (Path(run_dir) / CHECKPOINT).exists() or (Path(run_dir) / PREVIOUS_CHECKPOINT).exists()
+
+
+def leftovers(run_dir: Path) -> list[Path]:
+    """What a start at step 0 would otherwise mix with: every entry of ``run_dir`` but the archive and the log."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return []
+    return sorted(p for p in run_dir.iterdir() if p.name not in KEPT_ON_ARCHIVE)
+
+
+def is_failed_start(run_dir: Path) -> bool:
+    """The directory holds only the record of a start that failed before its first step (nothing to keep)."""
+    m = read_metrics(run_dir)
+    names = {p.name for p in leftovers(run_dir)}
+    return m.get("status") == "failed" and m.get("stage") == "start" and names <= {CONFIG, METRICS, ".hydra"}
+
+
+def archive(run_dir: Path, reason: str) -> Path | None:
+    """Move everything a previous attempt left in ``run_dir`` (checkpoints, frames, scalars, metrics, exports, config)
+    into ``<run>/archive/NNN/`` with ``ARCHIVED.json`` saying when and why, so a new start at step 0 mixes with none
+    of it and none of it is lost. Returns the archive folder (None when there was nothing to move)."""
+    import datetime
+    import shutil
+
+    run_dir = Path(run_dir)
+    items = leftovers(run_dir)
+    if not items:
+        return None
+    root = run_dir / ARCHIVE
+    root.mkdir(exist_ok=True)
+    n = 1 + max((int(p.name) for p in root.iterdir() if p.name.isdigit()), default=0)
+    dest = root / f"{n:03d}"
+    dest.mkdir()
+    for p in items:
+        shutil.move(str(p), str(dest / p.name))
+    (dest / "ARCHIVED.json").write_text(
+        json.dumps(
+            {
+                "archived": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                "reason": reason,
+                "moved": [p.name for p in items],
+            },
+            indent=2,
+        )
+    )
+    log.info("%s: the previous contents moved to %s (%s)", run_dir, dest, reason)
+    return dest
+
+
+def one_line(e: BaseException) -> str:
+    """An exception as one line: its first line of text, or its type."""
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0][:400]}" if text else type(e).__name__

@@ -13,9 +13,13 @@ checkpoints/prev.pt when last.pt cannot be read; see :mod:`distill.rundir`).
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import resource
+import shutil
+import signal
+import sys
 import time
 import traceback
 from dataclasses import dataclass
@@ -25,8 +29,9 @@ from typing import Any
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf.errors import OmegaConfBaseException
 
-from distill import rundir
+from distill import env, identity, rundir
 from distill.config import (
     ConfigError,
     OptimizerConfig,
@@ -39,8 +44,10 @@ from distill.config import (
 from distill.ddim import InversionConfig
 from distill.guidance import CFGConfig
 from distill.images import image_contrast, save_png, to_uint8
+from distill.interrupts import Interrupted, StopAtStepBoundary, signal_name
 from distill.kappa import KappaConfig, make_kappa
 from distill.methods import build_guidance
+from distill.priors.base import PriorError
 from distill.prompts import PromptConfig, PromptProcessor
 from distill.scene.cameras import CameraSamplerConfig, orbit_cameras, sample_cameras
 from distill.schedule import TimeSchedule, TimeScheduleConfig
@@ -170,6 +177,7 @@ class Trainer:
         self.previous_checkpoint = "discard"
         self.diverged_detail: str | None = None
         self.seconds_before = 0.0
+        self.saved_step: int | None = None
 
     @torch.no_grad()
     def init_from_prior(self) -> None:
@@ -290,33 +298,27 @@ class Trainer:
     def save(self) -> None:
         rundir.save_checkpoint(self.run_dir, self.state(), previous=self.previous_checkpoint)
         self.previous_checkpoint = "rotate"
+        self.saved_step = self.step
 
-    def fit(self, logger, start: rundir.ResumePoint | None = None) -> dict[str, Any]:
+    def fit(self, logger, start: rundir.ResumePoint | None = None, start_reason: str | None = None) -> dict[str, Any]:
         """Run the loop from ``start`` (found by :func:`train` with rundir.find_resume_point before anything is
-        written; None: from step 0)."""
+        written; None: from step 0) to ``trainer.max_steps``. A signal stops it at a step boundary
+        (:mod:`distill.interrupts`): the checkpoint then holds that boundary's state and metrics.json says
+        ``interrupted``, so the re-launched run equals the uninterrupted one bit for bit."""
         from tqdm.auto import tqdm
 
         tr = self.spec.trainer
         self.t_start = time.time()
-        previous = rundir.read_metrics(self.run_dir)
-        if tr.resume and previous.get("status") in ("finished", "diverged"):
-            log.info("run %s is already %s; nothing to do", self.run_dir, previous["status"])
-            return previous
-        if start is not None and tr.resume:
+        if start is not None:
             self.resume(start)
-        elif not tr.resume:
-            self.start_reason = "trainer.resume=false: starting at step 0"
-        elif previous.get("status") in ("running", "failed"):
-            # killed (SIGKILL, node failure) or crashed before its first periodic checkpoint: nothing to resume
-            self.start_reason = (
-                f"no checkpoint: starting at step 0 (a previous attempt ended as {previous['status']!r} "
-                f"before its first checkpoint; trainer.checkpoint_every={tr.checkpoint_every})"
-            )
         else:
-            self.start_reason = "no checkpoint: starting at step 0"
+            self.start_reason = start_reason or (
+                "trainer.resume=false: starting at step 0" if not tr.resume else "no checkpoint: starting at step 0"
+            )
+        self.saved_step = self.step if start is not None else None
         log.info("%s: %s", self.run_dir, self.start_reason)
-        metrics = self.base_metrics()
-        rundir.write_metrics(self.run_dir, metrics)
+        rundir.write_metrics(self.run_dir, self.base_metrics())
+        logger.rewind(self.step)  # rows a killed attempt logged after its last checkpoint are the resumed run's now
         diverged = None
         bar = tqdm(
             total=tr.max_steps,
@@ -326,19 +328,22 @@ class Trainer:
             dynamic_ncols=True,
         )
         try:
-            while self.step < tr.max_steps:
-                diverged = self.train_step(logger, bar)
-                if diverged:
-                    break
-                self.step += 1
-                bar.update(1)
-                if tr.checkpoint_every and self.step % tr.checkpoint_every == 0 and self.step < tr.max_steps:
-                    self.save()
-                if tr.image_every and self.step % tr.image_every == 0:
-                    snap = self.snapshot()
-                    save_png(self.run_dir / "images" / f"step_{self.step:06d}.png", snap)
-                    logger.log_image("progress", snap, self.step)
-                    logger.log_scalars({"contrast": image_contrast(snap)}, self.step)
+            with StopAtStepBoundary() as stop:
+                while self.step < tr.max_steps:
+                    if stop.requested:
+                        self.stop_at_boundary(stop)  # returns only when a requeue handler let training go on
+                    diverged = self.train_step(logger, bar)
+                    if diverged:
+                        break
+                    self.step += 1
+                    bar.update(1)
+                    if tr.checkpoint_every and self.step % tr.checkpoint_every == 0 and self.step < tr.max_steps:
+                        self.save()
+                    if tr.image_every and self.step % tr.image_every == 0:
+                        snap = self.snapshot()
+                        save_png(self.run_dir / "images" / f"step_{self.step:06d}.png", snap)
+                        logger.log_image("progress", snap, self.step)
+                        logger.log_scalars({"contrast": image_contrast(snap)}, self.step)
         except (RuntimeError, MemoryError) as e:
             # the thesis counts out-of-memory runs as diverged: CUDA and CPU alike, and the sweep goes on
             if not is_out_of_memory(e):
@@ -347,14 +352,20 @@ class Trainer:
             self.diverged_detail = self.oom_detail(e)
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
-        except (SystemExit, KeyboardInterrupt):
-            # preempted / timed out (submitit raises SystemExit after asking SLURM to requeue):
-            # keep every finished step, the requeued job resumes from here. An interrupt that lands
-            # inside a step (after the optimiser update, before step += 1) makes the resumed run
-            # repeat that one step: resumable, but then not bit-identical to an uninterrupted run.
-            self.save()
-            log.warning("interrupted at step %d: checkpoint saved, re-launch resumes from it", self.step)
-            raise
+        except KeyboardInterrupt:
+            # a second Ctrl-C inside a step: the state is between two steps, so it is not saved; the run resumes
+            # from its last checkpoint (the steps after it are taken again, as they were)
+            at = self.saved_step
+            m = self.base_metrics()
+            m.update(status="interrupted", signal="SIGINT", steps=at or 0, interrupted_in_step=self.step)
+            rundir.write_metrics(self.run_dir, m)
+            where = f"the checkpoint at step {at}" if at is not None else "step 0 (no checkpoint yet)"
+            raise Interrupted(
+                signal.SIGINT,
+                at or 0,
+                f"interrupted (second Ctrl-C) inside step {self.step}: not saved; re-launch the same command to resume "
+                f"from {where} in {self.run_dir}",
+            ) from None
         finally:
             bar.close()
         metrics = self.base_metrics()
@@ -376,13 +387,36 @@ class Trainer:
         rundir.write_metrics(self.run_dir, metrics)
         return metrics
 
+    def stop_at_boundary(self, stop: StopAtStepBoundary) -> None:
+        """A signal arrived: checkpoint the state at the start of this step, record ``interrupted``, then either hand
+        over to the handler that was there before (submitit requeues the job and exits) or stop (Interrupted)."""
+        signum = int(stop.signum)
+        name = signal_name(signum)
+        self.save()
+        m = self.base_metrics()
+        m.update(status="interrupted", signal=name)
+        rundir.write_metrics(self.run_dir, m)
+        log.warning("%s at step %d: checkpoint saved, re-launch resumes from it", name, self.step)
+        foreign = stop.foreign_handler(signum)
+        if foreign is not None:
+            stop.clear()
+            foreign(signum, None)  # submitit: requeue + SystemExit; its SIGTERM "bypass" returns and training goes on
+            rundir.write_metrics(self.run_dir, self.base_metrics())
+            return
+        raise Interrupted(
+            signum,
+            self.step,
+            f"interrupted by {name} at step {self.step} of {self.spec.trainer.max_steps}: checkpoint saved in "
+            f"{self.run_dir}; re-launch the same command to resume (bit-identical on the same CPU)",
+        )
+
     def train_step(self, logger, bar) -> str | None:
         """One optimisation step; returns a divergence reason or None."""
         tr = self.spec.trainer
         self.scene.update_step(self.step, tr.max_steps)
         cams = self.cameras()
         out = self.scene.render(cams, generator=self.generator)
-        x0 = self.prior.encode(out["rgb"])
+        x0 = self.prior.encode(self.guidance.encoder_input(out, cams, self.step, tr.max_steps, self.generator))
         cond = self.prompts(cams, batch_size=x0.shape[0])
         # a method with an image-space term (HiFA) also gets the render it differentiates through
         extra = {"images": out["rgb"]} if self.guidance.needs_images else {}
@@ -445,35 +479,155 @@ class Trainer:
         return out
 
 
+def _start_failed(run_dir: Path, cfg: DictConfig, e: BaseException, exit_code: int, *, holds_run: bool) -> None:
+    """Record a start that failed before its first step: metrics.json ``status: failed`` with the reason (one line)
+    and the exit code, and the config as composed, so the evaluator lists it with its reason. A directory that holds a
+    run (identity, checkpoint or result) is left exactly as it was: the message on stderr is the whole answer."""
+    if holds_run:
+        return
+    for p in rundir.leftovers(run_dir):  # an earlier failed start's record: replaced by this one
+        if p.name in (rundir.CONFIG, rundir.METRICS):
+            p.unlink()
+    try:
+        OmegaConf.save(cfg, run_dir / rundir.CONFIG, resolve=True)
+    except Exception:  # noqa: BLE001 - a value that does not resolve is the failure itself: keep it unresolved
+        OmegaConf.save(cfg, run_dir / rundir.CONFIG, resolve=False)
+    record = {"status": "failed", "stage": "start", "reason": rundir.one_line(e), "exit_code": exit_code, "steps": 0}
+    for key in ("prompt", "seed", "method"):
+        try:
+            record[key] = OmegaConf.select(cfg, key, throw_on_resolution_failure=False)
+        except Exception:  # noqa: BLE001
+            record[key] = None
+    rundir.write_metrics(run_dir, record)
+
+
+def _hydra_overrides() -> list[str] | None:
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return list(HydraConfig.get().overrides.task)
+    except (ImportError, ValueError):
+        return None
+
+
 def train(cfg: DictConfig, run_dir: Path | str | None = None) -> dict[str, Any]:
-    """Train one run of ``cfg`` in ``run_dir`` (default: ``cfg.paths.run_dir``); returns metrics.json."""
+    """Train one run of ``cfg`` in ``run_dir`` (default: ``cfg.paths.run_dir``); returns metrics.json.
+
+    Before anything in the directory is touched: the config is type-checked and its identity compared with the one the
+    directory holds (:mod:`distill.identity`: refused when it differs; a finished run of the same identity is returned
+    as it is, nothing rewritten). ``trainer.resume=false`` first moves an earlier attempt into ``archive/``. A start
+    that fails leaves ``metrics.json`` with ``status: failed`` and its reason (unless the directory holds a run)."""
     if run_dir is not None:  # called from Python (tests, scripts): record where the run lives
         cfg = cfg.copy()
         with open_dict(cfg):
             cfg.paths.run_dir = str(run_dir)
     run_dir = Path(cfg.paths.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    spec = check_run_config(cfg)  # fail before anything is written or built
+    previous = rundir.read_metrics(run_dir)
+    status = previous.get("status")
+    has_ckpt = rundir.has_checkpoint(run_dir)
+    holds_run = has_ckpt or status in identity.DURABLE_STATUSES or (run_dir / identity.IDENTITY).exists()
+    try:
+        spec = check_run_config(cfg)  # fail before anything is written or built
+        ident = identity.current(cfg)
+    except ConfigError as e:
+        _start_failed(run_dir, cfg, e, 2, holds_run=holds_run)
+        raise
+    except OmegaConfBaseException as e:  # a value that does not resolve (an interpolation, a resolver's error)
+        err = ConfigError(f"the config does not resolve: {rundir.one_line(e)}")
+        _start_failed(run_dir, cfg, err, 2, holds_run=holds_run)
+        raise err from None
+    tr = spec.trainer
+    if tr.resume:
+        decision = identity.check(
+            run_dir, ident, status=status, has_checkpoint=has_ckpt, allow_code_change=tr.allow_code_change
+        )
+    else:
+        decision = identity.Decision("new", identity.read(run_dir))
+    if decision.action == "same" and status in identity.DURABLE_STATUSES:
+        print(f"run {run_dir} is already {status}; nothing to do", file=sys.stderr)
+        return {**previous, "nothing_to_do": True}  # (not written: the directory stays as it is, its log included)
     start = None
-    if spec.trainer.resume and rundir.read_metrics(run_dir).get("status") not in ("finished", "diverged"):
+    if decision.action in ("same", "extend") and has_ckpt:
         # an unsafe file, or no readable checkpoint at all, stops here: nothing in the run directory is changed
-        start = rundir.find_resume_point(run_dir, map_location=pick_device(spec.trainer.device))
+        start = rundir.find_resume_point(run_dir, map_location=pick_device(tr.device))
+    # ----- accepted: from here on the directory is written -----
+    start_reason = None
+    if start is None and rundir.leftovers(run_dir) and not rundir.is_failed_start(run_dir):
+        if not tr.resume:
+            why = "trainer.resume=false: starting at step 0"
+        else:
+            why = (
+                f"no checkpoint: starting at step 0 (a previous attempt ended as {status!r} before its first "
+                f"checkpoint; trainer.checkpoint_every={tr.checkpoint_every})"
+            )
+        moved = rundir.archive(run_dir, why)
+        start_reason = f"{why}; the previous contents are in {moved}"
+    elif start is None:
+        for p in rundir.leftovers(run_dir):  # a failed start's record
+            (shutil.rmtree if p.is_dir() else Path.unlink)(p)
     OmegaConf.save(cfg, run_dir / rundir.CONFIG, resolve=True)
-    trainer = Trainer(cfg, run_dir)
+    old = decision.previous if decision.action != "new" else None
+    ident.segments = [*(old.segments if old else [])]
+    if old and old.created:
+        ident.created = old.created
+    ident.segments.append(
+        identity.new_segment(
+            decision,
+            start_step=int(start.state["step"]) if start is not None else 0,
+            reason=start_reason or decision.action,
+            ident=ident,
+        )
+    )
+    for note in decision.notes:
+        log.warning("%s: %s", run_dir, note)
+    identity.write(run_dir, ident)
+    (run_dir / rundir.ENVIRONMENT).write_text(json.dumps(env.environment(), indent=2, default=str))
+    overrides = _hydra_overrides()
+    if overrides is not None:
+        (run_dir / ".hydra").mkdir(exist_ok=True)
+        OmegaConf.save(OmegaConf.create(overrides), run_dir / ".hydra" / "overrides.yaml")
+    try:
+        trainer = Trainer(cfg, run_dir)
+    except (ConfigError, PriorError) as e:
+        _start_failed_here(run_dir, e, 2, start)
+        raise
+    except Exception as e:
+        _start_failed_here(run_dir, e, 1, start)
+        raise
     resolved = OmegaConf.to_container(cfg, resolve=True)
     logger = build(cfg.logger, "logger", run_dir=run_dir, run_config=resolved, run_name=run_dir.name)
     code = 1
     try:
-        metrics = trainer.fit(logger, start)
+        metrics = trainer.fit(logger, start, start_reason=start_reason)
         logger.summary(metrics)
         code = 0
         return metrics
+    except Interrupted as e:
+        code = e.exit_code  # recorded by fit(): status interrupted, the step, the signal
+        raise
     except rundir.CheckpointError:
-        raise  # the checkpoint does not fit the config: the run's metrics.json stays as the last attempt left it
-    except Exception:
+        raise  # a checkpoint that does not fit: metrics.json stays as the last attempt left it
+    except Exception as e:
         m = rundir.read_metrics(run_dir)
-        m.update(status="failed", error=traceback.format_exc(limit=20))
+        m.update(
+            status="failed",
+            stage="train",
+            reason=rundir.one_line(e),
+            exit_code=1,
+            error=traceback.format_exc(limit=20),
+        )
         rundir.write_metrics(run_dir, m)
         raise
     finally:
         logger.finish(exit_code=code)
+
+
+def _start_failed_here(run_dir: Path, e: BaseException, exit_code: int, start: rundir.ResumePoint | None) -> None:
+    """The components could not be built (missing weights, unknown prompt, out of memory): record it in metrics.json,
+    keeping what a resumable run's record says about its steps."""
+    m = rundir.read_metrics(run_dir) if start is not None else {"steps": 0}
+    m.update(status="failed", stage="start", reason=rundir.one_line(e), exit_code=exit_code)
+    if start is not None:
+        m["steps"] = int(start.state["step"])
+    rundir.write_metrics(run_dir, m)

@@ -33,7 +33,7 @@ SCORES_JSON = "eval/scores.json"
 CONTACT_SHEET = "eval/contact_sheet.png"
 
 # directories never searched for runs (run outputs, logger folders, hidden folders)
-_SKIP_DIRS = {"checkpoints", "eval", "images", "wandb", "__pycache__", "node_modules"}
+_SKIP_DIRS = {"archive", "checkpoints", "eval", "images", "wandb", "__pycache__", "node_modules"}
 
 # the paper's evaluation model (configurable with --clip-model); kept here so the CLI needs no torch
 DEFAULT_CLIP_MODEL = "openai/clip-vit-base-patch16"

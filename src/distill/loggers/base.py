@@ -21,6 +21,10 @@ class Logger:
     ):
         self.cfg, self.run_dir, self.run_config, self.run_name = cfg, run_dir, run_config or {}, run_name
 
+    def rewind(self, step: int) -> None:
+        """The run (re)starts at ``step``: forget what an earlier attempt logged at ``step`` or later (it was killed
+        after its last checkpoint, and those steps are taken again)."""
+
     def log_scalars(self, values: dict[str, float], step: int) -> None:
         pass
 

@@ -1,6 +1,7 @@
 """CSV logger: scalars as long-format rows (step, name, value) in ``<run>/scalars.csv``.
 
-Appends, so a resumed run continues the same file.
+Appends, so a resumed run continues the same file; rows an earlier attempt logged after its last checkpoint are
+dropped when the run resumes from that checkpoint (``rewind``), so every step appears once.
 """
 
 from __future__ import annotations
@@ -27,6 +28,21 @@ class CSVLogger(Logger):
         self._w = csv.writer(self._fh)
         if new:
             self._w.writerow(["step", "name", "value"])
+
+    def rewind(self, step: int) -> None:
+        self._fh.flush()
+        with open(self.path, newline="") as fh:
+            rows = list(csv.reader(fh))
+        keep = rows[:1] + [r for r in rows[1:] if r and int(float(r[0])) < step]
+        if len(keep) == len(rows):
+            return
+        self._fh.close()
+        tmp = self.path.with_suffix(".csv.tmp")
+        with open(tmp, "w", newline="") as fh:
+            csv.writer(fh).writerows(keep)
+        tmp.replace(self.path)
+        self._fh = open(self.path, "a", newline="")
+        self._w = csv.writer(self._fh)
 
     def log_scalars(self, values: dict[str, float], step: int) -> None:
         for k, v in values.items():

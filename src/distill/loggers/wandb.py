@@ -16,8 +16,14 @@ continues the same W&B run.
 
 Offline: with ``mode: auto`` (default) the run is online only when credentials exist
 (``WANDB_API_KEY``, ``WANDB_IDENTITY_TOKEN_FILE`` or a ``wandb login`` entry in ~/.netrc);
-otherwise it is written offline and the ``wandb sync <dir>`` command is printed at the end.
+otherwise it is written offline and the ``wandb sync`` command is printed at the end.
 ``WANDB_MODE`` in the environment wins over ``mode: auto``.
+
+Offline and resumed: every ``wandb.init`` writes its own ``wandb/offline-run-<time>-<id>``
+directory, so a run interrupted and resumed k times is k directories with one run id. The printed
+command names all of them, oldest first, with ``--id <id>``: ``wandb sync`` (wandb >= 0.30, where
+it is wandb-core's sync) then uploads the pieces one after another, in start order, into that one
+W&B run. Naming only the last piece would upload only the steps logged after the last resume.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ import netrc
 import os
 import re
 import secrets
+import shlex
 import string
 import sys
 from dataclasses import dataclass, field
@@ -131,6 +138,19 @@ def split_run_name(run_name: str) -> list[str]:
     if "=" not in run_name:
         return []
     return [p for p in re.split(r",(?=[^,=]+=)", run_name) if "=" in p]
+
+
+def _piece_of(dirname: str, run_id: str) -> bool:
+    """True for ``offline-run-<YYYYMMDD_HHMMSS>-<run_id>`` or ``...-<run_id>-<N>`` (not another id
+    that merely starts with this one)."""
+    m = re.fullmatch(r"offline-run-\d{8}_\d{6}-(.+)", dirname)
+    return bool(m) and re.fullmatch(re.escape(run_id) + r"(-\d+)?", m.group(1)) is not None
+
+
+def _version(v: str) -> tuple[int, ...]:
+    """(major, minor) of a version string such as ``0.31.0`` or ``0.30.0rc1``."""
+    nums = [int(re.match(r"\d*", p).group() or 0) for p in v.split(".")[:2]]
+    return tuple(nums + [0] * (2 - len(nums)))
 
 
 class WandbLogger(Logger):
@@ -286,18 +306,56 @@ class WandbLogger(Logger):
         self._finished = True
         self._call("finish", self.run.finish, exit_code=exit_code)
         if self.mode == "offline":
-            sync_dir = self.offline_dir()
-            print(
-                f"wandb: offline run saved; upload it with:\n  wandb sync {sync_dir or self.run_dir / 'wandb'}",
-                file=sys.stderr,
-            )
+            print(self.sync_message(), file=sys.stderr)
 
     def offline_dir(self) -> Path | None:
         """The directory ``wandb sync`` takes for this (offline) piece of the run."""
         if self.sync_dir is not None and self.sync_dir.is_dir():
             return self.sync_dir
-        dirs = sorted((self.run_dir / "wandb").glob(f"offline-run-*-{self.run_id}*"), key=lambda p: p.stat().st_mtime)
+        dirs = self.offline_dirs()
         return dirs[-1] if dirs else None
+
+    def offline_dirs(self) -> list[Path]:
+        """Every offline piece of this run (``wandb/offline-run-<time>-<id>[-N]`` with a .wandb file),
+        oldest first: by the start time in the name, then by the .wandb file's age."""
+        dirs = [
+            d
+            for d in (self.run_dir / "wandb").glob(f"offline-run-*-{self.run_id}*")
+            if d.is_dir() and _piece_of(d.name, self.run_id) and any(d.glob("*.wandb"))
+        ]
+        this = self.sync_dir if self.sync_dir is not None and self.sync_dir.is_dir() else None
+        if this is not None and this not in dirs:
+            dirs.append(this)
+
+        def start(d: Path) -> tuple[str, float]:
+            m = re.match(r"offline-run-(\d{8}_\d{6})-", d.name)
+            ages = [f.stat().st_mtime for f in d.glob("*.wandb")] or [d.stat().st_mtime]
+            return (m.group(1) if m else "", min(ages))
+
+        return sorted(dirs, key=start)
+
+    def sync_command(self) -> list[str]:
+        """``wandb sync`` for all offline pieces of this run (argv); pieces of one run id are synced in
+        start order into that run (``--id``)."""
+        dirs = self.offline_dirs()
+        if not dirs:
+            return ["wandb", "sync", str(self.run_dir / "wandb")]
+        cmd = ["wandb", "sync"]
+        if len(dirs) > 1:
+            cmd += ["--id", self.run_id]
+        return cmd + [str(d) for d in dirs]
+
+    def sync_message(self) -> str:
+        """What ``finish`` prints for an offline run: the one command that uploads all of it."""
+        dirs = self.offline_dirs()
+        what = "offline run saved" if len(dirs) <= 1 else f"offline run saved in {len(dirs)} pieces (resumed)"
+        msg = f"wandb: {what}; upload it with:\n  {shlex.join(self.sync_command())}"
+        if len(dirs) > 1 and _version(self._wandb.__version__) < (0, 30):
+            msg += (
+                f"\n  (wandb {self._wandb.__version__} here: syncing several pieces into one run needs wandb>=0.30,"
+                " `pip install -U wandb` on the machine that uploads)"
+            )
+        return msg
 
     def _atexit(self) -> None:
         if not self._finished:

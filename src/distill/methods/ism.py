@@ -19,6 +19,18 @@ unconditional branch is the negative prompt; the switches for the official code'
                    one model (the prediction's unconditional branch) plus the CFG term
     weighting      official  lambda sqrt((1 - ab_t) / ab_t)  (SDS in x0 form) | one_minus_ab  lambda (1 - ab_t)
     offset_noise   0.1 (official) | 0: the per-channel offset of eps0; eps0 enters only at level(i0) ~ 1
+What LucidDreamer's training loop does around ``train_step``, each a setting (official value first):
+    first_iteration    1 | 0: the official loop counts iterations from 1, so its warm-up (t's range, delta) runs
+                       one step ahead of the trainer's step 0, 1, ...; ISM gives schedule and interval step + this
+    interval_rounding  official: delta = int(delta_t + warm (delta_t_start - delta_t)) in ``train_step``,
+                       int(delta_t + ceil(warm (delta_t_start - delta_t))) in ``train_step_perpneg`` (Perp-Neg
+                       conditioning) | floor: int(...) always
+    flip_p             0.5 | 0: ``T.RandomHorizontalFlip(p)`` of the render (with its depth) before encoding, one
+                       coin per batch; the gradient reaches the render flipped back (:meth:`ISM.encoder_input`)
+    as_latent_ratio    0.2 in every official config (guidance/ism.yaml: 0, a scene without depth cannot) | 0: on
+                       that share of steps the encoded input is LucidDreamer's normalised disparity of the render's
+                       depth, repeated to 3 channels (:func:`lucid_disparity`), instead of the render
+The view prompts (azimuth blend, LucidDreamer's Perp-Neg weights) are prompt settings: distill.prompts.
 Other deviations: eps is always the prior's eps (v-prediction UNets are converted by the prior; the official code
 feeds raw v to the target and the CFG); a hop of zero length (i_s = 0, or delta = 0 for s -> t) is skipped instead of
 spending a UNet call on an identity step; ``denoise_guidance_scale`` > 1 (inversion with "reverse CFG", used by no
@@ -42,6 +54,7 @@ from distill.priors.base import DiffusionPrior
 from distill.prompts import Conditioning
 
 TARGET_PROMPTS = ("empty", "negative")
+INTERVAL_ROUNDINGS = ("official", "floor")
 ISM_WEIGHTINGS = ("official", "one_minus_ab")
 ISM_REDUCTIONS = ("official", "sum", "mean")
 
@@ -60,6 +73,10 @@ class ISMConfig:
     offset_noise: float = 0.1  # per-channel offset added to the first hop's noise (0 = off)
     cfg_rule: str = "standard"  # eps_u + s (eps_c - eps_u), LucidDreamer's form; threestudio: eps_c + s (...)
     loss_reduction: str = "official"  # official: d loss / d x0 = grad | sum: grad / B | mean: grad / (B numel)
+    first_iteration: int = 1  # official iterations count from 1: the warm-up sees step + 1 | 0: the trainer's step
+    interval_rounding: str = "official"  # official: Perp-Neg ceils the annealed part of delta | floor: int() always
+    flip_p: float = 0.5  # official T.RandomHorizontalFlip(p=0.5) of the render before encoding | 0: no flip
+    as_latent_ratio: float = 0.0  # official configs 0.2: share of steps that encode the depth (disparity) instead
 
     def validate(self) -> None:
         if self.target_prompt not in TARGET_PROMPTS:
@@ -84,12 +101,41 @@ class ISMConfig:
             )
         if self.steps_offset < 0:
             raise ValueError(f"guidance.steps_offset={self.steps_offset} must be >= 0")
+        if self.first_iteration not in (0, 1):
+            raise ValueError(f"guidance.first_iteration={self.first_iteration}; allowed: 1 (official), 0")
+        if self.interval_rounding not in INTERVAL_ROUNDINGS:
+            raise ValueError(
+                f"guidance.interval_rounding={self.interval_rounding!r}; allowed: {', '.join(INTERVAL_ROUNDINGS)}"
+            )
+        for key in ("flip_p", "as_latent_ratio"):
+            v = getattr(self, key)
+            if not (math.isfinite(v) and 0.0 <= v <= 1.0):
+                raise ValueError(f"guidance.{key}={v} must be a probability in [0, 1]")
 
 
-def interval(step: int, max_steps: int, schedule, cfg: ISMConfig) -> int:
-    """delta = int(delta_t + warm (delta_t_start - delta_t)), warm = the schedule's warm-up still ahead."""
+def interval(step: int, max_steps: int, schedule, cfg: ISMConfig, perp_neg: bool = False) -> int:
+    """delta = int(delta_t + warm (delta_t_start - delta_t)), warm = the schedule's warm-up still ahead at ``step``
+    (the official iteration: the caller adds ``first_iteration``); with Perp-Neg and ``interval_rounding=official``
+    the annealed part is ceiled first, as ``train_step_perpneg`` does."""
     warm = schedule.warm(step, max_steps) if hasattr(schedule, "warm") else 0.0
-    return int(cfg.delta_t + warm * (cfg.delta_t_start - cfg.delta_t))
+    extra = warm * (cfg.delta_t_start - cfg.delta_t)
+    if perp_neg and cfg.interval_rounding == "official":
+        extra = math.ceil(extra)
+    return int(cfg.delta_t + extra)
+
+
+def lucid_disparity(depth: Tensor, opacity: Tensor, fov_x: Tensor) -> Tensor:
+    """LucidDreamer's depth map (``gaussian_renderer``), per view: disp = f / (depth + 10 opacity + 1e-5) with
+    f = 1 / (2 tan(fov_x / 2)), then (disp - m) / (max disp - m) clamped to [0, 1], m = the least disparity where
+    opacity <= 0.1 (all pixels when there is none). depth, opacity: (B, 1, H, W); fov_x: (B,) radians."""
+    focal = 1.0 / (2.0 * torch.tan(fov_x / 2.0))
+    disp = focal.view(-1, 1, 1, 1).to(depth.dtype) / (depth + opacity * 10.0 + 1e-5)
+    out = []
+    for d, a in zip(disp, opacity):
+        bg = d[a <= 0.1]
+        lo = bg.min() if bg.numel() else d.min()
+        out.append(torch.clamp((d - lo) / (d.max() - lo), 0.0, 1.0))
+    return torch.stack(out)
 
 
 def hop_indices(i_s: int, xs_delta_t: int = 200, xs_inv_steps: int = 5) -> list[int]:
@@ -113,15 +159,47 @@ class ISM(Guidance):
             raise ValueError(f"guidance.steps_offset={cfg.steps_offset} must be < {T}")
         self.cfg, self.prior, self.schedule, self.cfg_pair = cfg, prior, schedule, cfg_pair
         self.null_emb = prior.embed_prompts([""]) if cfg.target_prompt == "empty" else None
+        self.last_input: dict = {}  # what encoder_input fed the prior last: {'depth': bool, 'flip': bool}
 
     def level(self, i: int) -> int:
         """The timestep of index i (the official ``self.timesteps[i]``), kept inside the schedule."""
         return min(i + self.cfg.steps_offset, self.prior.num_train_timesteps - 1)
 
+    def encoder_input(self, render: dict, cameras, step: int, max_steps: int, generator=None) -> Tensor:
+        """What the prior encodes this step (LucidDreamer's loop): on a share ``as_latent_ratio`` of steps the
+        render's depth as :func:`lucid_disparity` repeated to 3 channels, else the render; then, with probability
+        ``flip_p`` (one coin per batch), flipped left-right with the depth, as ``T.RandomHorizontalFlip`` flips the
+        concatenated maps. Coins from ``generator``: depth first (the official loop draws it before ``train_step``),
+        then the flip."""
+        c = self.cfg
+        rgb = render["rgb"]
+        as_latent = False
+        if c.as_latent_ratio > 0:
+            if "depth" not in render or "opacity" not in render or cameras is None:
+                raise ValueError(
+                    f"guidance.as_latent_ratio={c.as_latent_ratio} needs a scene that renders depth (nerf, "
+                    f"gaussians); this one does not: set guidance.as_latent_ratio=0"
+                )
+            as_latent = bool(torch.rand((), generator=generator) < c.as_latent_ratio)
+        flip = c.flip_p > 0 and bool(torch.rand((), generator=generator) < c.flip_p)
+        self.last_input = {"depth": as_latent, "flip": flip}
+        if as_latent:
+            fov_y = cameras.fovy.to(rgb.device)
+            fov_x = 2 * torch.atan(torch.tan(fov_y / 2) * cameras.width / cameras.height)
+            rgb = lucid_disparity(render["depth"], render["opacity"], fov_x).repeat(1, 3, 1, 1)
+        return rgb.flip(-1) if flip else rgb
+
     def inversion_rows(self, cond: Conditioning) -> Tensor:
         if self.null_emb is None:
             return cond.uncond
         return self.null_emb.expand(cond.batch_size, *self.null_emb.shape[1:])
+
+    def draw(self, step: int, max_steps: int, generator=None, perp_neg: bool = False) -> tuple[int, int]:
+        """(i_t, delta) of the trainer's ``step``: the schedule and the interval see the official iteration
+        ``step + first_iteration``; i_t is drawn from ``generator``."""
+        it = step + self.cfg.first_iteration
+        delta = interval(it, max_steps, self.schedule, self.cfg, perp_neg=perp_neg)
+        return self.schedule(it, max_steps, generator), delta
 
     def step(
         self, x0: Tensor, cond: Conditioning, step: int, max_steps: int, generator: torch.Generator | None = None
@@ -129,8 +207,7 @@ class ISM(Guidance):
         c, prior = self.cfg, self.prior
         ab = prior.alphas_cumprod
         B = x0.shape[0]
-        delta = interval(step, max_steps, self.schedule, c)
-        i_t = self.schedule(step, max_steps, generator)
+        i_t, delta = self.draw(step, max_steps, generator, perp_neg=cond.negatives is not None)
         i_s = max(i_t - delta, 0)
         t, s = self.level(i_t), self.level(i_s)
         noise = _randn(x0.detach(), generator)
@@ -170,6 +247,7 @@ class ISM(Guidance):
             "grad_norm": float(grad.norm()),
             "unet_rows_per_view": len(hops) - 1 + 1 + cfg_rows,
         }
+        stats.update({f"input_{k}": float(v) for k, v in self.last_input.items()})  # input_flip, input_depth
         x0_hat = x0.detach() - grad
         return GuidanceOutput(loss, t, t, x_t, e_s, e_t, x0_hat, calls, stats)
 

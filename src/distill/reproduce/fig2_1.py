@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from distill import provenance
 from distill.reproduce.common import ROOT, median_range, pad
 
 
@@ -46,6 +47,7 @@ def fig2_1(out: Path, seeds: int, steps: int, prompt: str) -> None:
     from distill.prompts import PromptConfig, PromptProcessor
     from distill.train import train
 
+    at = provenance.produced()  # the code and environment this study starts with
     base = [f"prompt={prompt}", "logger=none", "trainer.progress=false", "trainer.image_every=0"]
     base += ["trainer.checkpoint_every=0", "trainer.export=false"]
     rows, images = [], {}
@@ -94,5 +96,7 @@ def fig2_1(out: Path, seeds: int, steps: int, prompt: str) -> None:
     for label in images:
         vals = [[r[k] for r in rows if r["method"] == label] for k in FIG_METRICS]
         lines.append(f"| {label} | " + " | ".join(median_range(v) for v in vals) + " |")
-    (out / "fig2_1.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    command = f"python -m distill.reproduce fig2_1 --seeds {seeds} --steps {steps} --prompt '{prompt}'"
+    stamp = provenance.record(out, "fig2_1", command, ["fig2_1.md", "fig2_1.csv", "fig2_1.png"], at)
+    (out / "fig2_1.md").write_text(provenance.with_stamp("\n".join(lines) + "\n", stamp))
+    print("\n".join([stamp, "", *lines]))

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from distill import provenance
 from distill.reproduce.common import ROOT, median_range, pad
 
 # SDS with the SDI code's x0 loss (the SDI code with inversion off, as the 2D experiments): the loss SDS had when
@@ -61,6 +62,15 @@ ISM_STUDY = {
         ],
     },
 }
+# LucidDreamer's loop around train_step (issue 27: the render's random flip, the warm-up counted from iteration 1,
+# Perp-Neg's ceiled interval) came after docs/ism_study_* were measured: the study's ISM rows keep them off, so its
+# tables reproduce (a flip has no meaning for the 2D prior's positioned objects anyway)
+_BEFORE_LOOP = ["guidance.flip_p=0", "guidance.first_iteration=0", "guidance.interval_rounding=floor"]
+for _table in ISM_STUDY.values():
+    for _ov in _table.values():
+        if "guidance=ism" in _ov:
+            _ov.extend(_BEFORE_LOOP)
+
 ISM_METRICS = {
     "2d": ("psnr_nearest", "blend_w_max", "realism_low_band", "realism_high_band", "out_of_gamut"),
     "3d": (
@@ -103,6 +113,7 @@ def ism_study(
     from distill.config import build
     from distill.train import Trainer, check_run_config
 
+    at = provenance.produced()  # the code and environment this study starts with
     base = ["logger=none", "trainer.progress=false", "trainer.image_every=0", "trainer.checkpoint_every=0"]
     base += ["trainer.export=false", "trainer.resume=false", "trainer.threads=1"]
     extra = {
@@ -141,10 +152,12 @@ def ism_study(
                 png = run / "final.png"  # a diverged run may have none: a white tile
                 images[label].append(iio.imread(png)[..., :3] if png.exists() else np.full((32, 32, 3), 255, np.uint8))
                 print(f"{prior_name} seed {s}: {label}: {m['status']}", flush=True)
-                _ism_write(out, prior_name, rows, images, command)
+                _ism_write(out, prior_name, rows, images, command, at)
 
 
-def _ism_write(out: Path, prior_name: str, rows: list[dict], images: dict, command: str) -> None:
+def _ism_write(
+    out: Path, prior_name: str, rows: list[dict], images: dict, command: str, at: dict | None = None
+) -> None:
     out.mkdir(parents=True, exist_ok=True)
     metrics = ISM_METRICS[prior_name]
     _ism_png(
@@ -172,8 +185,10 @@ def _ism_write(out: Path, prior_name: str, rows: list[dict], images: dict, comma
             cells.append(median_range(v) if v else "-")
         n_div = sum(1 for r in sel if r["status"] != "finished")
         lines.append(f"| {label}{f' ({n_div} diverged)' if n_div else ''} | " + " | ".join(cells) + " |")
-    (out / f"ism_study_{prior_name}.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines), flush=True)
+    stem = f"ism_study_{prior_name}"
+    stamp = provenance.record(out, stem, command.split("`")[1], [f"{stem}.md", f"{stem}.csv", f"{stem}.png"], at)
+    (out / f"{stem}.md").write_text(provenance.with_stamp("\n".join(lines) + "\n", stamp))
+    print("\n".join([stamp, "", *lines]), flush=True)
 
 
 def _ism_png(images: dict[str, list[np.ndarray]], path: Path, zoom: int = 1) -> None:

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import torch
 
+from distill import provenance
+
 
 def kappa_study(out: Path, samples: int, prompt: str) -> None:
     import matplotlib
@@ -23,6 +25,7 @@ def kappa_study(out: Path, samples: int, prompt: str) -> None:
     from distill.kappa import STRATEGIES, KappaConfig, eq44_residual, make_kappa
     from distill.prompts import PromptConfig, PromptProcessor
 
+    at = provenance.produced()  # the code and environment this study starts with
     prior = build(_compose(["experiment=sdi_2d"]).prior, "prior")
     cond = PromptProcessor(PromptConfig(prompt=prompt, view_dependent=False, perp_neg=False), prior)(None, 1)
     eps_inv = lambda x, t: guided_eps(prior, x, t, cond, -7.5)  # noqa: E731
@@ -61,4 +64,6 @@ def kappa_study(out: Path, samples: int, prompt: str) -> None:
     ax.legend()
     fig.tight_layout()
     fig.savefig(out / "kappa_study.png", dpi=120)
+    command = f"python -m distill.reproduce kappa_study --samples {samples} --prompt '{prompt}'"
+    print(provenance.record(out, "kappa_study", command, ["kappa_study.csv", "kappa_study.png"], at))
     print(open(out / "kappa_study.csv").read())

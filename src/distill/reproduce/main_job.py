@@ -14,7 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from distill.reproduce.common import median_range, pad
+from distill import provenance
+from distill.reproduce.common import ROOT, median_range, pad
 
 # (column, metrics.json key, format) of main_job_seeds.md / .csv
 MAIN_JOB_COLUMNS = (
@@ -73,6 +74,7 @@ def main_job(
     from distill.config import ConfigError
     from distill.train import train
 
+    at = provenance.produced()  # the code and environment this study starts with
     rows, frames = [], []
     for s in range(seeds):
         run = runs / f"seed_{s}"
@@ -104,15 +106,24 @@ def main_job(
         rows.append(row)
         frames.append(iio.imread(run / "final.png"))
         print(f"seed {s}: " + ", ".join(f"{k} {row[k]}" for _, k, _ in MAIN_JOB_COLUMNS), flush=True)
-    write_main_job(out, rows, frames, overrides, seeds, name)
+    write_main_job(out, rows, frames, overrides, seeds, name, runs, at)
     return rows
 
 
 def write_main_job(
-    out: Path, rows: list[dict], frames: list, overrides: list[str], seeds: int, name: str = "main_job_seeds"
+    out: Path,
+    rows: list[dict],
+    frames: list,
+    overrides: list[str],
+    seeds: int,
+    name: str = "main_job_seeds",
+    runs: Path | None = None,
+    at: dict | None = None,
 ) -> None:
-    """``name``.csv (one row per seed; default main_job_seeds), .md (the same with median (min..max)) and .png (the
-    final frames, one seed per row, each the run's four orbit views)."""
+    """``name``.csv (one row per seed; default main_job_seeds), .md (the same with median (min..max), headed by the
+    provenance stamp) and .png (the final frames, one seed per row, each the run's four orbit views); the record
+    ``name``.provenance.json beside them (:mod:`distill.provenance`). ``runs``: the runs' folder, named in the
+    recorded command unless it is the default; ``at``: :func:`distill.provenance.produced` when the study started."""
     import imageio.v3 as iio
 
     out.mkdir(parents=True, exist_ok=True)
@@ -125,6 +136,9 @@ def write_main_job(
         iio.imwrite(out / f"{name}.png", np.concatenate([pad(f[..., :3]) for f in frames], 0))
     done = [r for r in rows if r["status"] == "finished"]
     cmd = "python -m distill.reproduce main_job --seeds " + str(seeds) + "".join(f" --set {o}" for o in overrides)
+    if runs is not None and Path(runs).resolve() != (ROOT / "outputs" / "reproduce" / "main_job").resolve():
+        rel = Path(runs).resolve()
+        cmd += f" --runs {rel.relative_to(ROOT) if rel.is_relative_to(ROOT) else rel}"
     cmd += "" if name == "main_job_seeds" else f" --name {name}"
     lines = [
         f"`{cmd}`: the main job (`python train.py`{''.join(' ' + o for o in overrides)}) for seeds 0..{seeds - 1}. "
@@ -172,5 +186,7 @@ def write_main_job(
             )
             + ".",
         ]
-    (out / f"{name}.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    files = [f"{name}.md", f"{name}.csv", *([f"{name}.png"] if frames else [])]
+    stamp = provenance.record(out, name, cmd, files, at)
+    (out / f"{name}.md").write_text(provenance.with_stamp("\n".join(lines) + "\n", stamp))
+    print("\n".join([stamp, "", *lines]))

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+ELEVATION_SAMPLINGS = ("uniform_deg", "threestudio")
+
 
 @dataclass
 class CameraSamplerConfig:
@@ -27,6 +29,9 @@ class CameraSamplerConfig:
     fovy_deg: tuple[float, float] = (40.0, 70.0)
     elevation_deg: tuple[float, float] = (-10.0, 45.0)
     azimuth_deg: tuple[float, float] = (-180.0, 180.0)
+    # uniform_deg: elevation uniform in degrees | threestudio: its random-camera data module, one coin per batch
+    # between that and uniform on the sphere's band (sin(elevation) uniform), 1:1 (sample_cameras)
+    elevation_sampling: str = "uniform_deg"
     # 0: a new random camera every step (official). N > 0: N views drawn once from the same ranges (seed
     # pool_seed) and one of them per step: a prior that caches per-view work (the exact 3D prior's traced
     # geometry) then pays it N times instead of every step
@@ -62,6 +67,10 @@ class CameraSamplerConfig:
         for m in self.milestones:
             if len(m) != 3 or m[0] < 0 or m[1] <= 0 or m[2] <= 0:
                 raise ValueError(f"{where}.milestones entry {list(m)} must be [step >= 0, height > 0, width > 0]")
+        if self.elevation_sampling not in ELEVATION_SAMPLINGS:
+            raise ValueError(
+                f"{where}.elevation_sampling={self.elevation_sampling!r}; allowed: {', '.join(ELEVATION_SAMPLINGS)}"
+            )
         if self.pool < 0:
             raise ValueError(f"{where}.pool={self.pool} must be >= 0 (0 = a new random camera every step)")
         for name in ("height", "width", "batch_size"):
@@ -174,11 +183,35 @@ def _uniform(lo: float, hi: float, n: int, generator: torch.Generator | None) ->
     return lo + (hi - lo) * torch.rand(n, generator=generator, dtype=torch.float32)
 
 
+def sample_elevation(
+    cfg: CameraSamplerConfig, n: int, generator: torch.Generator | None = None, per_view: bool = False
+) -> Tensor:
+    """n elevations (degrees) in ``cfg.elevation_deg`` = [lo, hi].
+    uniform_deg:  lo + (hi - lo) u
+    threestudio:  (``data/uncond.py``) with probability 1/2 that, else uniform on the sphere's band,
+                  asin(sin lo + (sin hi - sin lo) u): one coin for the batch (``per_view``: one per view, for a
+                  pool drawn once); the mixture's CDF is F(e) = (e - lo) / (2 (hi - lo)) + (sin e - sin lo) /
+                  (2 (sin hi - sin lo))."""
+    lo, hi = cfg.elevation_deg
+    if cfg.elevation_sampling == "uniform_deg":
+        return _uniform(lo, hi, n, generator)
+    coin = torch.rand(n if per_view else 1, generator=generator) < 0.5
+    u = torch.rand(n, generator=generator, dtype=torch.float64)
+    deg = lo + (hi - lo) * u
+    s_lo, s_hi = math.sin(math.radians(lo)), math.sin(math.radians(hi))
+    sphere = torch.rad2deg(torch.asin((s_lo + (s_hi - s_lo) * u).clamp(-1.0, 1.0)))
+    return torch.where(coin, deg, sphere).float()
+
+
 def sample_cameras(
-    cfg: CameraSamplerConfig, generator: torch.Generator | None = None, device: torch.device | str = "cpu"
+    cfg: CameraSamplerConfig,
+    generator: torch.Generator | None = None,
+    device: torch.device | str = "cpu",
+    per_view: bool = False,
 ) -> Cameras:
-    """Random training cameras, uniform in each range (elevation uniform in degrees, as threestudio); with
-    ``cfg.pool`` > 0, ``batch_size`` views picked uniformly from a fixed pool drawn once from those ranges."""
+    """Random training cameras, uniform in distance, fov and azimuth, elevation by ``cfg.elevation_sampling``
+    (:func:`sample_elevation`); with ``cfg.pool`` > 0, ``batch_size`` views picked uniformly from a fixed pool
+    drawn once from those ranges."""
     if cfg.pool:
         pool = camera_pool(cfg)
         idx = torch.randint(0, cfg.pool, (cfg.batch_size,), generator=generator)
@@ -186,7 +219,7 @@ def sample_cameras(
     n = cfg.batch_size
     dist = _uniform(*cfg.distance, n, generator)
     fovy = _uniform(*cfg.fovy_deg, n, generator)
-    elev = _uniform(*cfg.elevation_deg, n, generator)
+    elev = sample_elevation(cfg, n, generator, per_view)
     azim = _uniform(*cfg.azimuth_deg, n, generator)
     return cameras_from_spherical(elev, azim, dist, fovy, cfg.height, cfg.width).to(device)
 
@@ -196,7 +229,7 @@ def camera_pool(cfg: CameraSamplerConfig) -> Cameras:
     key = repr({k: v for k, v in sorted(cfg.__dict__.items()) if k != "batch_size"})
     if key not in _POOLS:
         one = CameraSamplerConfig(**{**cfg.__dict__, "pool": 0, "batch_size": cfg.pool})
-        _POOLS[key] = sample_cameras(one, torch.Generator().manual_seed(cfg.pool_seed))
+        _POOLS[key] = sample_cameras(one, torch.Generator().manual_seed(cfg.pool_seed), per_view=True)
     return _POOLS[key]
 
 

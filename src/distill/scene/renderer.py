@@ -23,8 +23,11 @@ that the whole ray batch is one dense (rays, samples) tensor: no CUDA kernels ne
 Occupancy grid (nerfacc's OccGridEstimator over the cube [-radius, radius]^3): every
 ``update_interval`` steps each cell is re-evaluated at a random point inside it,
     occ <- max(decay * occ, sigma(x_cell)),   occupied = occ > min(mean(occ), density_threshold).
-``density_threshold`` 0.74 is nerfacc's occ_thre 0.01 over threestudio's render step
-2 sqrt(3) radius / 512 at radius 2.
+The threshold is threestudio's: its estimator compares density x render step with nerfacc's occ_thre 0.01, the
+render step being 1.732 x 2 radius / 512 (``num_samples_per_ray``), so in density units
+    density_threshold = occ_threshold / (1.732 * 2 * radius / render_step_samples)    (0.739 at radius 2, 1.478 at 1)
+(``density_threshold: null``, derived from the scene's radius); a number sets it directly (0.74: this project's value
+for every radius before it was derived).
 
 Memory levers (issue 20; the math above is unchanged, only what is held for the backward):
 ``chunk_rays`` > 0 marches the rays with an occupied interval in chunks of that many rays, and
@@ -37,6 +40,7 @@ changes the batch size), i.e. fp32 rounding.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -51,7 +55,9 @@ class OccupancyConfig:
     resolution: int = 32  # cells per axis over [-radius, radius]^3 (threestudio: 32, one level)
     update_interval: int = 16  # steps between grid updates (nerfacc default n=16)
     decay: float = 0.95  # EMA decay of the max-density estimate
-    density_threshold: float = 0.74  # upper bound of the occupancy threshold (density units)
+    density_threshold: float | None = None  # upper bound of the threshold (density units); None: derived (below)
+    occ_threshold: float = 0.01  # nerfacc's occ_thre, in density x render step (threestudio's estimator)
+    render_step_samples: int = 512  # threestudio's num_samples_per_ray: render step = 1.732 * 2 radius / this
     probe_samples: int = 64  # grid look-ups per ray to find the occupied interval (2 per cell width)
     chunk: int = 65536  # points per density call during updates
 
@@ -87,9 +93,13 @@ class RendererConfig:
                 "one chunk of rays at a time"
             )
         o = self.occupancy
-        for name in ("resolution", "update_interval", "probe_samples", "chunk"):
+        for name in ("resolution", "update_interval", "probe_samples", "chunk", "render_step_samples"):
             if getattr(o, name) <= 0:
                 raise ValueError(f"{where}.occupancy.{name}={getattr(o, name)} must be a positive integer")
+        for name in ("density_threshold", "occ_threshold"):
+            v = getattr(o, name)
+            if v is not None and not (math.isfinite(v) and v > 0):
+                raise ValueError(f"{where}.occupancy.{name}={v} must be a number > 0 (density_threshold: or null)")
         if not 0.0 <= o.decay <= 1.0:
             raise ValueError(f"{where}.occupancy.decay={o.decay} must lie in [0, 1]")
 
@@ -117,12 +127,21 @@ def z_variance(w: Tensor, t: Tensor, opacity: Tensor, formula: str = "threestudi
 FieldFn = Callable[[Tensor, Tensor], dict]
 
 
+def density_threshold(cfg: OccupancyConfig, radius: float) -> float:
+    """The occupancy threshold in density units: ``cfg.density_threshold``, or threestudio's
+    occ_threshold / render step with render step = 1.732 * 2 radius / render_step_samples."""
+    if cfg.density_threshold is not None:
+        return float(cfg.density_threshold)
+    return cfg.occ_threshold / (1.732 * 2.0 * float(radius) / cfg.render_step_samples)
+
+
 class OccupancyGrid(nn.Module):
     """Binary occupancy of a res^3 grid of cells over [-radius, radius]^3 (state: buffers)."""
 
     def __init__(self, cfg: OccupancyConfig, radius: float):
         super().__init__()
         self.cfg, self.radius = cfg, float(radius)
+        self.threshold = density_threshold(cfg, radius)
         n = cfg.resolution**3
         self.register_buffer("occ", torch.zeros(n))  # EMA of the max density per cell
         self.register_buffer("binary", torch.ones(n, dtype=torch.bool))  # all occupied until the first update
@@ -156,7 +175,7 @@ class OccupancyGrid(nn.Module):
         pts = ((grid + jitter) / res * 2.0 - 1.0) * self.radius
         sig = torch.cat([density_fn(c).reshape(-1).float() for c in pts.split(self.cfg.chunk)])
         self.occ.copy_(torch.maximum(self.occ * self.cfg.decay, sig.nan_to_num(0.0)))
-        thre = torch.clamp(self.occ.mean(), max=self.cfg.density_threshold)
+        thre = torch.clamp(self.occ.mean(), max=self.threshold)
         self.binary.copy_(self.occ > thre)
         self.n_updates += 1
 
