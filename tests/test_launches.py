@@ -190,10 +190,10 @@ def test_empty_launch_changes_nothing_and_exits_nonzero(two_launches):
 
 def test_all_failed_multirun_exits_nonzero(tmp_path):
     r = train(tmp_path, "+sweep=kappa_smoke", KAPPAS, "prompt=a purple blob")  # not a class of the 2D prior
-    assert r.returncode != 0, r.stdout[-2000:]
+    assert r.returncode == 2, r.stdout[-2000:]  # every job rejected its input (exit code 2 in its metrics.json)
     no_traceback(r)
     last = r.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: all 2 jobs of the launch failed"), r.stderr[-2000:]
+    assert last.startswith("error: all 2 jobs of the launch failed: prompt 'a purple blob'"), r.stderr[-2000:]
     sweep = tmp_path / "sweeps" / "kappa_smoke"
     (m,) = launches(sweep)
     assert m["status"] == "all_failed" and [j["status"] for j in m["jobs"]] == ["failed", "failed"]
@@ -342,3 +342,24 @@ def test_200_job_sweep_every_job_accounted_for(tmp_path):
     assert csv_dirs(sweep, sweep / "eval") == dirs
     assert "Runs: 200 (200 finished, 0 diverged" in (sweep / "eval" / "table.md").read_text()
     assert f"launch: {m['launch_id']}" in r.stdout
+
+
+def test_refused_relaunch_is_a_failed_job_of_its_launch(tmp_path):
+    """A job whose start is refused (its directory holds a run of another config; here both launches name the
+    directory ``the_run``) leaves the earlier run's files alone: its launch records it failed with the refusal,
+    and that launch's table shows it failed, not the earlier run as finished."""
+    first = train(tmp_path, "+sweep=kappa_smoke", "kappa=sgd", "hydra.sweep.subdir=the_run")
+    assert first.returncode == 0, first.stderr[-3000:]
+    sweep = tmp_path / "sweeps" / "kappa_smoke"
+    metrics_before = (sweep / "the_run" / "metrics.json").read_bytes()
+    r = train(tmp_path, "+sweep=kappa_smoke", "kappa=fixed_point", "hydra.sweep.subdir=the_run")
+    assert r.returncode == 2, r.stderr[-3000:]  # its only job failed on its input
+    no_traceback(r)
+    assert (sweep / "the_run" / "metrics.json").read_bytes() == metrics_before
+    m1, m2 = launches(sweep)
+    assert m1["jobs"][0]["status"] == "finished"
+    (job,) = m2["jobs"]
+    assert job["status"] == "failed" and job["exit_code"] == 2 and "kappa" in job["reason"], job
+    md = (sweep / "eval" / "table.md").read_text()
+    assert f"Launch: {m2['launch_id']}" in md and "Runs: 1 (0 finished, 0 diverged" in md and "1 failed" in md
+    assert "kappa" in md.split("**Failed")[1]

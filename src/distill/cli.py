@@ -11,6 +11,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from distill.config import ConfigError
+from distill.launches import job_failed
 from distill.priors.base import PriorError
 
 log = logging.getLogger("distill")
@@ -76,6 +77,7 @@ def run_job(cfg: DictConfig) -> float | None:
     except (ConfigError, PriorError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         if _in_multirun():
+            job_failed(str(e), 2)  # for the launch's record: a refused start leaves the directory's old metrics
             return None
         sys.exit(2)
     except Interrupted as e:
@@ -84,10 +86,11 @@ def run_job(cfg: DictConfig) -> float | None:
     except KeyboardInterrupt:
         print(f"interrupted before training started ({cfg.paths.run_dir}): nothing to resume yet", file=sys.stderr)
         sys.exit(130)
-    except Exception:
+    except Exception as e:
         if not _in_multirun():
             raise
         log.error("job failed (recorded in its metrics.json); the sweep continues:\n%s", traceback.format_exc())
+        job_failed(f"{type(e).__name__}: {e}", 1)
         return None
     if metrics.get("nothing_to_do"):
         return metrics.get("loss")

@@ -41,6 +41,7 @@ from eval.runs import METRICS, read_json, write_json
 IDENTITY = "identity.json"
 BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
 _finished: dict[str, dict[str, Any]] = {}  # launch dir -> its final manifest (finish() is called by two callbacks)
+_failure: dict[str, Any] | None = None  # the failure distill.cli.run_job reported for the job running in this process
 
 
 class EmptyLaunch(RuntimeError):
@@ -149,8 +150,18 @@ def _job_identity(config: DictConfig) -> dict[str, Any]:
     }
 
 
+def job_failed(reason: str, exit_code: int) -> None:
+    """Called by ``distill.cli.run_job`` when a job of a multirun fails: its launch record says so even where the
+    run directory still holds an earlier run's metrics.json (a refused start changes nothing there)."""
+    global _failure
+    lines = str(reason).strip().splitlines()
+    _failure = {"reason": lines[0] if lines else "failed", "exit_code": exit_code}
+
+
 def job_started(config: DictConfig) -> None:
     """In the job's process: ``jobs/<num>.json`` with status started (a requeued job rewrites its own)."""
+    global _failure
+    _failure = None
     launch_dir = current_launch_dir(config)
     if launch_dir is None:
         return
@@ -201,7 +212,11 @@ def job_ended(config: DictConfig, job_return: Any) -> None:
     run_dir = Path(ident["run_dir"])
     exc = getattr(job_return, "_return_value", None)
     exc = exc if isinstance(exc, BaseException) else None
+    global _failure
+    failure, _failure = _failure, None
     job.update(job_status(run_dir, exc))
+    if failure is not None:  # this job's own error (a refused start leaves the directory's earlier metrics.json)
+        job.update(status="failed", reason=failure["reason"], exit_code=failure["exit_code"])
     identity, _ = read_json(run_dir / IDENTITY)
     job["identity"] = (identity or {}).get("hash")
     status = getattr(job_return, "status", None)

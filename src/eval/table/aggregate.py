@@ -255,9 +255,14 @@ def aggregate(root: Path | str, prompts: Sequence[str] | None = None, selection:
             continue
         metrics_err = next((e for e in info.problems if METRICS in e), None)
         state = classify(info.metrics, info.render, metrics_err)
-        job = selection.job(p) if selection is not None and info.metrics is None and not metrics_err else None
-        if job is not None and job.get("status") == "failed":  # no metrics.json: the launch's record says why
-            state = RunState("failed", str(job.get("reason") or "the job failed (no metrics.json)"))
+        job = selection.job(p) if selection is not None else None
+        own = info.metrics is None or (selection is not None and selection.mode == "one")
+        if job is not None and own and job.get("status") == "failed" and state.state != "failed":
+            # the launch's job failed, and the directory holds no record of it (no metrics.json) or, for one launch,
+            # an earlier run's (a refused start changes nothing there): this launch's failure, with the job's reason
+            code = job.get("exit_code")
+            reason = str(job.get("reason") or "the job failed") + (f" (exit code {code})" if code is not None else "")
+            state = RunState("failed", reason)
         key = (info.method, info.max_steps, info.prior, info.scene)
         g = groups.get(key) or groups.setdefault(key, Group(*key))
         g.runs.append(RunRecord(info, state, selection.label(p) if selection is not None else None))
