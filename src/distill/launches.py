@@ -16,6 +16,7 @@ No torch import; the job's status is read from ``<run>/metrics.json``, its ident
 
 from __future__ import annotations
 
+import atexit
 import os
 import secrets
 import socket
@@ -124,7 +125,18 @@ def begin(config: DictConfig) -> Path:
     write_json(launch_dir / MANIFEST, manifest)
     os.environ[ENV_LAUNCH_ID] = launch_id
     os.environ[ENV_LAUNCH_DIR] = str(launch_dir)
+    atexit.register(_finish_at_exit, launch_dir)
     return launch_dir
+
+
+def _finish_at_exit(launch_dir: Path) -> None:
+    """A launch stopped before Hydra's end of multirun (Ctrl-C, a job's signal exit): its manifest still gets its
+    end, its jobs so far and status ``stopped``."""
+    if str(launch_dir) not in _finished:
+        try:
+            finish(launch_dir=launch_dir, status="stopped")
+        except Exception:  # noqa: BLE001 - never turn an exit into a traceback
+            pass
 
 
 def current_launch_dir(config: DictConfig | None = None) -> Path | None:
@@ -238,8 +250,11 @@ def _refresh(launch_dir: Path, job: dict[str, Any]) -> dict[str, Any]:
     return {**job, **job_status(rd), "identity": (identity or {}).get("hash")}
 
 
-def finish(config: DictConfig | None = None, launch_dir: Path | None = None) -> dict[str, Any] | None:
-    """Complete the manifest of the launch begun in this process (None when none was); idempotent."""
+def finish(
+    config: DictConfig | None = None, launch_dir: Path | None = None, status: str | None = None
+) -> dict[str, Any] | None:
+    """Complete the manifest of the launch begun in this process (None when none was); idempotent. ``status``:
+    finished / all_failed from the jobs unless given."""
     launch_dir = launch_dir or current_launch_dir()
     if launch_dir is None:
         return None
@@ -257,7 +272,7 @@ def finish(config: DictConfig | None = None, launch_dir: Path | None = None) -> 
         ended=now(),
         jobs=jobs,
         counts=counts,
-        status="all_failed" if jobs and counts.get("failed", 0) == len(jobs) else "finished",
+        status=status or ("all_failed" if jobs and counts.get("failed", 0) == len(jobs) else "finished"),
     )
     write_json(launch_dir / MANIFEST, manifest)
     _finished[key] = manifest

@@ -4,7 +4,8 @@ Every multirun records itself (``distill.launches`` writes, this module reads) u
 
     launches/<launch_id>/manifest.json   the launch: id, started / ended (UTC), argv, cwd, the command line's
                                          overrides, the sweeper's params, launcher, planned job count, status
-                                         (running | finished | all_failed) and, once it ended, its jobs
+                                         (running | finished | all_failed | stopped: a signal or an exit ended
+                                         it before Hydra's end of multirun) and, once it ended, its jobs
     launches/<launch_id>/multirun.yaml   the launch's own multirun config (the sweep's axes; the sweep
                                          directory's multirun.yaml is the last launch's)
     launches/<launch_id>/jobs/<num>.json one per job, written by the job's own process (any launcher): num, run_dir
