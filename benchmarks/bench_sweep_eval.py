@@ -102,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--sizes must be positive multiples of 5 (5 learning rates x N/5 seeds), got {args.sizes}")
 
     from distill.env import environment, stamp
+    from distill.provenance import produced
     from eval.launches import list_launches
 
     work = Path(tempfile.mkdtemp(prefix="bench_sweep_eval_"))
@@ -128,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{n:4d} runs  {name:12s} {best['seconds']:7.2f} s  (load {best['load_before']})", flush=True)
     result = {
         "benchmark": "sweep_eval",
+        "produced": produced(),
         "stamp": stamp(),
         "environment": environment(),
         "cpus": os.cpu_count(),
