@@ -210,10 +210,16 @@ class TrainerConfig:
     eval_views: int = 8  # held-out views for ground-truth metrics (analytic priors)
     progress: bool = True
     threads: int = 0  # torch CPU threads (0 = torch's default)
+    # hold each guidance target for N optimiser steps, on one camera (official 2D notebook: 25; distill.held)
+    target_every: int = 1
 
     def validate(self) -> None:
         if self.max_steps < 0:
             raise ValueError(f"trainer.max_steps={self.max_steps} must be >= 0")
+        if self.target_every < 1:
+            raise ValueError(
+                f"trainer.target_every={self.target_every} must be >= 1 (1 = a new guidance target every step)"
+            )
         for k in ("checkpoint_every", "log_every", "image_every"):
             if getattr(self, k) < 0:
                 raise ValueError(f"trainer.{k}={getattr(self, k)} must be >= 0 (0 disables)")

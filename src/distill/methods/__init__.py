@@ -21,9 +21,15 @@ from typing import Any
 from distill.config import component_config
 
 
-def build_guidance(node: Any, **parts: Any):
+def build_guidance(node: Any, target_every: int = 1, **parts: Any):
     """Instantiate ``node._target_`` with its typed Config and the parts its constructor asks for by name
-    (prior, kappa, schedule, cfg_pair, device, ...)."""
+    (prior, kappa, schedule, cfg_pair, device, ...); with ``target_every`` > 1 (``trainer.target_every``) its target
+    is held for that many steps (:class:`distill.held.HeldTarget`)."""
     cls, cfg = component_config(node, "guidance")
     params = inspect.signature(cls.__init__).parameters
-    return cls(cfg=cfg, **{k: v for k, v in parts.items() if k in params})
+    method = cls(cfg=cfg, **{k: v for k, v in parts.items() if k in params})
+    if target_every == 1:
+        return method
+    from distill.held import HeldTarget
+
+    return HeldTarget(method, target_every)
