@@ -121,6 +121,13 @@ def _group_options(group: str) -> dict[str, dict]:
     return options
 
 
+def base_options(group: str) -> list[str]:
+    """The options of a conf/ group that extend no other option of it: for ``guidance`` the methods, without the
+    per-method variants (``sds_x0``, ``sds_notebook``, ...) whose defaults list names the option they extend."""
+    options = _group_options(group)
+    return [n for n, o in options.items() if not any(isinstance(d, str) and d in options for d in o["defaults"])]
+
+
 def _target_of(option: dict, group: str) -> str | None:
     node = option.get(group, option) if isinstance(option.get(group), dict) else option
     return node.get("_target_") if isinstance(node, dict) else None
