@@ -19,6 +19,7 @@ import inspect
 from typing import Any
 
 from distill.config import component_config
+from distill.held import HeldTarget
 
 
 def build_guidance(node: Any, target_every: int = 1, **parts: Any):
@@ -28,8 +29,4 @@ def build_guidance(node: Any, target_every: int = 1, **parts: Any):
     cls, cfg = component_config(node, "guidance")
     params = inspect.signature(cls.__init__).parameters
     method = cls(cfg=cfg, **{k: v for k, v in parts.items() if k in params})
-    if target_every == 1:
-        return method
-    from distill.held import HeldTarget
-
-    return HeldTarget(method, target_every)
+    return method if target_every == 1 else HeldTarget(method, target_every)
