@@ -50,7 +50,10 @@ PAPER = {"ddim_inversion": (119.0, 39.2), "sds": (66.0, 6.2)}  # thesis, A6000: 
 
 
 def guidance_options() -> list[str]:
-    return sorted(p.stem for p in (ROOT / "conf" / "guidance").glob("*.yaml"))
+    """The methods of conf/guidance, without the per-method variants (sds_x0, ...: they time the same step)."""
+    from distill.config import base_options
+
+    return base_options("guidance")
 
 
 def sync(device: torch.device) -> None:

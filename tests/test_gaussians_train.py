@@ -12,10 +12,11 @@ import pytest
 import torch
 
 from distill import rundir
+from distill.config import base_options
 from distill.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
-GUIDANCES = sorted(p.stem for p in (ROOT / "conf" / "guidance").glob("*.yaml"))
+GUIDANCES = base_options("guidance")  # the methods; their per-method variants run in test_preset_matrix
 TINY = [
     "scene=gaussians",
     "scene.n_init=300",

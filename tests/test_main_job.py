@@ -46,14 +46,14 @@ def test_image_contrast_drops_when_an_image_fades():
 
 
 def test_a_held_target_keeps_its_camera_in_3d(compose_cfg, tmp_path):
-    """guidance.every=N holds the target x0_hat, an image of one view, for N steps: the 3D trainer keeps that view
+    """trainer.target_every=N holds the target x0_hat, an image of one view, for N steps: the 3D trainer keeps that view
     for the hold (and picks it from (seed, step // N) alone, so a run resumed mid-hold finds it again)."""
     from distill.train import Trainer
 
     small = ["camera.height=8", "camera.width=8", "prior.n_basis=8", "prior.objects_per_prompt=1", "logger=none"]
 
     def views(every, seed=0):
-        cfg = compose_cfg([*small, f"+guidance.every={every}", f"seed={seed}"])
+        cfg = compose_cfg([*small, f"trainer.target_every={every}", f"seed={seed}"])
         tr = Trainer(cfg, tmp_path / f"e{every}_s{seed}")
         out = []
         for step in range(6):

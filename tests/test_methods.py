@@ -9,6 +9,7 @@ import torch
 from numerics import amplification, close, fp32_tol
 
 from distill import rundir
+from distill.config import base_options
 from distill.ddim import add_noise, predict_x0
 from distill.guidance import CFGConfig
 from distill.methods import build_guidance
@@ -23,7 +24,7 @@ from distill.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["logger=none", "trainer.progress=false", "trainer.image_every=0", "trainer.export=false"]
-GUIDANCES = sorted(p.stem for p in (ROOT / "conf" / "guidance").glob("*.yaml"))
+GUIDANCES = base_options("guidance")  # the methods; their per-method variants run in test_preset_matrix
 
 
 @pytest.fixture(scope="module")

@@ -139,7 +139,9 @@ main() {
     tiny_args=(--tiny --threads 1)
   fi
   run_stage pipeline 50 "$PY" "$ROOT/benchmarks/gpu/make_pipeline.py" "$pipe" --arch "$arch" --device "$DEVICE"
-  methods=$(cd "$ROOT/conf/guidance" && ls *.yaml | sed 's/\.yaml$//' | grep -vx ddim_inversion | tr '\n' ' ')
+  # the methods: every conf/guidance option but a per-method variant (sds_x0, ...: a defaults entry naming its base)
+  methods=$(cd "$ROOT/conf/guidance" && grep -L -E '^  - [a-z][a-z0-9_]*$' *.yaml | sed 's/\.yaml$//' \
+    | grep -vx ddim_inversion | tr '\n' ' ')
   local n_methods per_method
   n_methods=$(echo "$methods" | wc -w)
   if [ "$TINY" = 1 ]; then

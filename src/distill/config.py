@@ -121,6 +121,13 @@ def _group_options(group: str) -> dict[str, dict]:
     return options
 
 
+def base_options(group: str) -> list[str]:
+    """The options of a conf/ group that extend no other option of it: for ``guidance`` the methods, without the
+    per-method variants (``sds_x0``, ``sds_notebook``, ...) whose defaults list names the option they extend."""
+    options = _group_options(group)
+    return [n for n, o in options.items() if not any(isinstance(d, str) and d in options for d in o["defaults"])]
+
+
 def _target_of(option: dict, group: str) -> str | None:
     node = option.get(group, option) if isinstance(option.get(group), dict) else option
     return node.get("_target_") if isinstance(node, dict) else None
@@ -211,10 +218,16 @@ class TrainerConfig:
     progress: bool = True
     threads: int = 0  # torch CPU threads (0 = torch's default)
     allow_code_change: bool = False  # resume / extend a run under other code or torch (distill.identity)
+    # hold each guidance target for N optimiser steps, on one camera (official 2D notebook: 25; distill.held)
+    target_every: int = 1
 
     def validate(self) -> None:
         if self.max_steps < 0:
             raise ValueError(f"trainer.max_steps={self.max_steps} must be >= 0")
+        if self.target_every < 1:
+            raise ValueError(
+                f"trainer.target_every={self.target_every} must be >= 1 (1 = a new guidance target every step)"
+            )
         for k in ("checkpoint_every", "log_every", "image_every"):
             if getattr(self, k) < 0:
                 raise ValueError(f"trainer.{k}={getattr(self, k)} must be >= 0 (0 disables)")

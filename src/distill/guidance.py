@@ -48,7 +48,6 @@ class GuidanceConfig:
     # plain-CFG path (effective scale s + 1); the Perp-Neg path is standard in both.
     cfg_rule: str = "standard"
     residual_every: int = 0  # log the eq. 4.4 residual every N steps (extra model calls; 0 = never)
-    every: int = 1  # recompute the target every N optimiser steps and hold it in between (official 2D notebook: 25)
     # x0: the SDI code's 0.5 * mse(x0, x0_hat) / B, gradient (sigma / alpha)(eps_hat - kappa). threestudio: its SDS,
     # gradient (1 - ab_t)(eps_hat - kappa) (use with loss_reduction=sum). See the module docstring.
     loss: str = "x0"
@@ -60,8 +59,6 @@ class GuidanceConfig:
             raise ValueError(f"guidance.loss_reduction={self.loss_reduction!r}; allowed: mean, sum")
         if self.cfg_rule not in ("standard", "threestudio"):
             raise ValueError(f"guidance.cfg_rule={self.cfg_rule!r}; allowed: standard, threestudio")
-        if self.every < 1:
-            raise ValueError(f"guidance.every={self.every} must be >= 1 (1 = a new target every step)")
         if self.loss not in SDS_LOSSES:
             raise ValueError(
                 f"guidance.loss={self.loss!r} is unknown; allowed: {', '.join(SDS_LOSSES)} (x0: the SDI code's "
@@ -188,7 +185,8 @@ class Guidance:
     """What the trainer needs of a score-distillation method (SDS/SDI here; HiFA, CSD, NFSD, VSD, ESD in
     :mod:`distill.methods`). ``step`` returns a :class:`GuidanceOutput`; every numeric entry of its ``stats`` is
     logged as a scalar. Methods with trainable state (VSD's phi) return it from ``state_dict``; the trainer keeps it
-    in the checkpoint, so a resumed run continues it exactly."""
+    in the checkpoint, so a resumed run continues it exactly. ``held_loss`` is the loss of a step that reuses an
+    earlier step's target (``trainer.target_every``, :mod:`distill.held`)."""
 
     needs_images: bool = False  # True: step() also takes images=the render (B, 3, H, W) with grad (HiFA)
 
@@ -210,6 +208,13 @@ class Guidance:
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return []
 
+    def held_loss(self, x0: Tensor, held: GuidanceOutput) -> Tensor:
+        """The loss of a step that reuses the target ``held`` (``trainer.target_every`` > 1, :mod:`distill.held`):
+        0.5 ||x0 - x0_hat||^2 towards the held x0_hat, reduced as the method reduces its own loss
+        (``guidance.loss_reduction``): 0.5 mse(x0, x0_hat) / B, the form of :func:`gradient_loss`. A method's x0_hat
+        is x0 - grad at the step that formed it, so on that step this loss has the method's own gradient."""
+        return 0.5 * F.mse_loss(x0, held.x0_hat.to(x0.dtype), reduction=self.cfg.loss_reduction) / x0.shape[0]
+
     def extra_prompts(self) -> dict[str, str]:
         """Prompt texts beyond cond/uncond that the method needs embedded (branch name -> text)."""
         return {}
@@ -230,7 +235,6 @@ class ScoreDistillation(Guidance):
     ):
         cfg.validate()
         self.prior, self.kappa, self.schedule, self.cfg, self.cfg_pair = prior, kappa, schedule, cfg, cfg_pair
-        self.held: GuidanceOutput | None = None  # the target held between recomputations (guidance.every > 1)
 
     def eps_fn(self, cond: Conditioning, scale: float):
         """x, t -> guided eps at a fixed conditioning and scale (for inversion and samplers)."""
@@ -240,12 +244,6 @@ class ScoreDistillation(Guidance):
         self, x0: Tensor, cond: Conditioning, step: int, max_steps: int, generator: torch.Generator | None = None
     ) -> GuidanceOutput:
         B = x0.shape[0]
-        held = self.held
-        if held is not None and self.cfg.every > 1 and step % self.cfg.every != 0:
-            # the official 2D notebook: the target x0_hat is held for `every` optimiser steps
-            loss = self._loss(x0, held.x0_hat, held.eps_hat, held.kappa, held.t)
-            stats = {"t": held.t, "level": held.level, "grad_norm": float((x0.detach() - held.x0_hat).norm())}
-            return GuidanceOutput(loss, held.t, held.level, held.x_t, held.kappa, held.eps_hat, held.x0_hat, 0, stats)
         t = self.schedule(step, max_steps, generator)
         ab = self.prior.alphas_cumprod
         with torch.no_grad():
@@ -262,10 +260,7 @@ class ScoreDistillation(Guidance):
             stats["kappa_residual"] = float(
                 eq44_residual(x0.detach(), k.kappa, t, self.eps_fn(cond, self.cfg_pair.inv), ab)
             )
-        out = GuidanceOutput(loss, t, k.level, k.x_t, k.kappa, eps_hat, x0_hat, k.model_calls + 1, stats)
-        if self.cfg.every > 1:
-            self.held = GuidanceOutput(None, t, k.level, k.x_t, k.kappa, eps_hat, x0_hat, 0, {})
-        return out
+        return GuidanceOutput(loss, t, k.level, k.x_t, k.kappa, eps_hat, x0_hat, k.model_calls + 1, stats)
 
     def _loss(self, x0: Tensor, x0_hat: Tensor, eps_hat: Tensor, kappa: Tensor, t: int) -> Tensor:
         """guidance.loss=x0: 0.5 * mse(x0, x0_hat) / B; threestudio: gradient_loss of (1 - ab_t)(eps_hat - kappa)."""
@@ -274,15 +269,13 @@ class ScoreDistillation(Guidance):
             return gradient_loss(x0, torch.nan_to_num(w * (eps_hat - kappa)), self.cfg.loss_reduction)
         return 0.5 * F.mse_loss(x0, x0_hat.to(x0.dtype), reduction=self.cfg.loss_reduction) / x0.shape[0]
 
-    _HELD = ("t", "level", "x_t", "kappa", "eps_hat", "x0_hat")
+    def held_loss(self, x0: Tensor, held: GuidanceOutput) -> Tensor:
+        """A held step's loss is this method's own loss against the held target (x0: the pull towards x0_hat;
+        threestudio: the held gradient (1 - ab_t)(eps_hat - kappa) itself)."""
+        return self._loss(x0, held.x0_hat, held.eps_hat, held.kappa, held.t)
 
     def state_dict(self) -> dict:
-        state = {"kappa": self.kappa.state_dict()}
-        if self.held is not None:
-            state["held"] = {k: getattr(self.held, k) for k in self._HELD}
-        return state
+        return {"kappa": self.kappa.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         self.kappa.load_state_dict(state.get("kappa", {}))
-        held = state.get("held")
-        self.held = GuidanceOutput(None, model_calls=0, **held) if held else None

@@ -160,6 +160,7 @@ class Trainer:
             cfg_pair=spec.cfg_pair,
             device=self.device,
             max_steps=spec.trainer.max_steps,
+            target_every=spec.trainer.target_every,
         )
         self.optimizer = make_optimizer(spec, self.scene)
         self.is_3d = hasattr(self.scene, "density")
@@ -226,9 +227,9 @@ class Trainer:
         if not self.is_3d:
             return None
         cfg = self.spec.camera.at_step(self.step)
-        every = int(getattr(getattr(self.guidance, "cfg", None), "every", 1) or 1)
+        every = self.spec.trainer.target_every
         if every > 1:
-            # a held target (guidance.every) is an image of one view: keep that camera while the target is held.
+            # a held target (trainer.target_every) is an image of one view: keep that camera while it is held.
             # Drawn from (seed, step // every) alone, so a run resumed in the middle of a hold finds the same view.
             g = torch.Generator().manual_seed(self.spec.seed * 1_000_003 + self.step // every)
             return sample_cameras(cfg, g, self.device)

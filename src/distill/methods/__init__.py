@@ -19,11 +19,14 @@ import inspect
 from typing import Any
 
 from distill.config import component_config
+from distill.held import HeldTarget
 
 
-def build_guidance(node: Any, **parts: Any):
+def build_guidance(node: Any, target_every: int = 1, **parts: Any):
     """Instantiate ``node._target_`` with its typed Config and the parts its constructor asks for by name
-    (prior, kappa, schedule, cfg_pair, device, ...)."""
+    (prior, kappa, schedule, cfg_pair, device, ...); with ``target_every`` > 1 (``trainer.target_every``) its target
+    is held for that many steps (:class:`distill.held.HeldTarget`)."""
     cls, cfg = component_config(node, "guidance")
     params = inspect.signature(cls.__init__).parameters
-    return cls(cfg=cfg, **{k: v for k, v in parts.items() if k in params})
+    method = cls(cfg=cfg, **{k: v for k, v in parts.items() if k in params})
+    return method if target_every == 1 else HeldTarget(method, target_every)

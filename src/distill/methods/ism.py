@@ -45,6 +45,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from distill.ddim import add_noise, ddim_step
@@ -250,6 +251,12 @@ class ISM(Guidance):
         stats.update({f"input_{k}": float(v) for k, v in self.last_input.items()})  # input_flip, input_depth
         x0_hat = x0.detach() - grad
         return GuidanceOutput(loss, t, t, x_t, e_s, e_t, x0_hat, calls, stats)
+
+    def held_loss(self, x0: Tensor, held: GuidanceOutput) -> Tensor:
+        """loss_reduction=official: d loss / d x0 = x0 - x0_hat, no / B (SpecifyGradient, as in ``step``)."""
+        if self.cfg.loss_reduction == "official":
+            return 0.5 * F.mse_loss(x0, held.x0_hat.to(x0.dtype), reduction="sum")
+        return super().held_loss(x0, held)
 
     def cfg_rows(self, cond: Conditioning) -> int:
         """Rows per view of the prediction's batched call (guided_eps: 1 at plain scale 0 or 1)."""
