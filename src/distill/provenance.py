@@ -169,8 +169,11 @@ def stamp_line(rec: dict[str, Any]) -> str:
         f"{STAMP_PREFIX}commit {commit}{sources}, torch {p.get('torch') or 'not recorded'}, CPU capability {cap}{cpu}, "
         f"{p['date']} (record: {rec['table']}.provenance.json; another CPU or torch gives other trajectories)."
     )
-    if p.get("note"):  # a table from before the records, its provenance reconstructed from git log
+    if p.get("reconstructed") or str(p.get("note", "")).startswith("recorded afterwards"):
+        # a table from before the records, its provenance reconstructed from git log
         line += " Recorded afterwards from git log (the record's note says how)."
+    elif p.get("note"):
+        line += f" {p['note'][0].upper()}{p['note'][1:]}."
     if rec.get("earlier_commit"):
         line += f" {EARLIER} {rec['earlier_commit']}"
     return line
